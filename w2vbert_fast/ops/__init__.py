@@ -1,0 +1,12 @@
+"""The kernels as functions. Each dispatches per call (see ``_backend``): Triton on CUDA tensors, the PyTorch
+reference on CPU, unless ``W2VBERT_FAST_BACKEND`` says otherwise."""
+
+from .glu_depthwise_conv import glu_depthwise_conv, glu_depthwise_conv_reference
+from .rel_key_attention import rel_key_attention, rel_key_attention_reference
+
+__all__ = [
+    "glu_depthwise_conv",
+    "glu_depthwise_conv_reference",
+    "rel_key_attention",
+    "rel_key_attention_reference",
+]
