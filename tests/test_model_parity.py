@@ -1,0 +1,114 @@
+"""Our model against transformers, fp32 on CPU, at every non-padded position (≤ FP32_ATOL)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import FP32_ATOL
+from model_helpers import max_diff_on_valid, our_model_like, ragged_batch, transformers_model
+
+import w2vbert_fast
+
+LENGTHS = [23, 17, 5]  # ragged, not multiples of 8, one short sequence
+
+
+def compare(hf, ours, lengths=LENGTHS, mask=True, hidden_states=True):
+    features, attention_mask = ragged_batch(lengths, hf.config.feature_projection_input_dim)
+    attention_mask = attention_mask if mask else None
+    with torch.no_grad():
+        ref = hf(features, attention_mask=attention_mask, output_hidden_states=hidden_states)
+        out = ours(features, attention_mask=attention_mask, output_hidden_states=hidden_states)
+    out_lengths = lengths
+    if hf.config.add_adapter:
+        out_lengths = hf._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()
+    assert torch.isfinite(out.last_hidden_state).all()
+    assert max_diff_on_valid(out.last_hidden_state, ref.last_hidden_state, out_lengths) <= FP32_ATOL
+    if hidden_states:
+        assert len(out.hidden_states) == len(ref.hidden_states) == hf.config.num_hidden_layers + 1
+        for ours_h, ref_h in zip(out.hidden_states, ref.hidden_states):
+            assert max_diff_on_valid(ours_h, ref_h, lengths) <= FP32_ATOL
+
+
+@pytest.mark.parametrize("position_type", ["relative_key", "relative", "rotary", None],
+                         ids=["relative_key", "relative", "rotary", "none"])
+def test_every_position_type_matches_transformers_on_a_ragged_batch(position_type):
+    hf = transformers_model(position_embeddings_type=position_type)
+    compare(hf, our_model_like(hf))
+
+
+@pytest.mark.parametrize("position_type", ["relative_key", "rotary"])
+def test_unpadded_batch_without_attention_mask_matches(position_type):
+    hf = transformers_model(position_embeddings_type=position_type)
+    compare(hf, our_model_like(hf), lengths=[19, 19], mask=False)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        dict(num_adapter_layers=1),
+        dict(num_adapter_layers=2),
+        dict(num_adapter_layers=1, output_hidden_size=36),
+        dict(num_adapter_layers=2, use_intermediate_ffn_before_adapter=True, adapter_act="gelu"),
+        dict(num_adapter_layers=1, adapter_kernel_size=5, adapter_stride=3),
+    ],
+    ids=["one-layer", "two-layers", "down-projected", "intermediate-ffn", "kernel5-stride3"],
+)
+def test_adapter_variants_match_transformers(adapter):
+    # Odd lengths: the adapter's strided conv reads one padded row, so padded rows must be computed as transformers does.
+    hf = transformers_model(add_adapter=True, **adapter)
+    compare(hf, our_model_like(hf), lengths=[23, 17, 6])
+
+
+def test_non_swish_activation_uses_the_unfused_conv_path_and_matches():
+    hf = transformers_model(hidden_act="gelu")
+    compare(hf, our_model_like(hf))
+
+
+def test_mask_with_holes_falls_back_to_the_masked_reference():
+    hf = transformers_model()
+    ours = our_model_like(hf)
+    features, _ = ragged_batch([21, 21], hf.config.feature_projection_input_dim)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[0, 4:9] = 0  # a hole in the middle, then real frames again
+    with torch.no_grad():
+        ref = hf(features, attention_mask=mask).last_hidden_state
+        out = ours(features, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert (out[valid] - ref[valid]).abs().max().item() <= FP32_ATOL
+
+
+def test_one_layer_at_the_real_w2v_bert_2_sizes_matches():
+    hf = transformers_model(
+        hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=1,
+        left_max_position_embeddings=64, right_max_position_embeddings=8, conv_depthwise_kernel_size=31,
+        feature_projection_input_dim=160,
+    )
+    compare(hf, our_model_like(hf), lengths=[83, 70])
+
+
+def test_ctc_logits_and_loss_match_transformers():
+    hf = transformers_model("Wav2Vec2BertForCTC", vocab_size=11)
+    ours = our_model_like(hf)
+    features, mask = ragged_batch(LENGTHS, hf.config.feature_projection_input_dim)
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100], [9, -100, -100, -100]])
+    with torch.no_grad():
+        ref = hf(features, attention_mask=mask, labels=labels)
+        out = ours(features, attention_mask=mask, labels=labels)
+    assert max_diff_on_valid(out.logits, ref.logits, LENGTHS) <= FP32_ATOL
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-3 * max(1.0, abs(ref.loss.item()))
+
+
+def test_padded_rows_are_finite():
+    hf = transformers_model()
+    ours = our_model_like(hf)
+    features, mask = ragged_batch([23, 1], hf.config.feature_projection_input_dim)
+    with torch.no_grad():
+        out = ours(features, attention_mask=mask, output_hidden_states=True)
+    assert all(torch.isfinite(h).all() for h in out.hidden_states)
+
+
+def test_triton_backend_model_matches_transformers(backend):
+    """The whole model with the real kernels (interpreted on CPU in CI) on a ragged batch."""
+    backend("triton")
+    hf = transformers_model(num_hidden_layers=1)
+    compare(hf, our_model_like(hf), lengths=[19, 11])

@@ -1,0 +1,26 @@
+"""w2vbert_fast: fused Triton kernels for the Wav2Vec2-BERT speech encoder (w2v-bert-2.0), drop-in.
+
+    model = w2vbert_fast.optimize(transformers_model)                  # patch in place
+    model = w2vbert_fast.Wav2Vec2BertModel.from_pretrained(folder)      # standalone, no transformers
+    batch = w2vbert_fast.FbankExtractor()(waveforms, device="cuda")     # features on the GPU
+"""
+
+from . import ops
+from .config import Wav2Vec2BertConfig
+try:
+    from .features import FbankExtractor
+except ImportError:  # TEMP until features lands
+    FbankExtractor = None
+from .modeling import Wav2Vec2BertForCTC, Wav2Vec2BertModel
+from .patch import optimize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FbankExtractor",
+    "Wav2Vec2BertConfig",
+    "Wav2Vec2BertForCTC",
+    "Wav2Vec2BertModel",
+    "ops",
+    "optimize",
+]
