@@ -7,17 +7,12 @@
 
 from . import ops
 from .config import Wav2Vec2BertConfig
-try:
-    from .features import FbankExtractor
-except ImportError:  # TEMP until features lands
-    FbankExtractor = None
 from .modeling import Wav2Vec2BertForCTC, Wav2Vec2BertModel
 from .patch import optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FbankExtractor",
     "Wav2Vec2BertConfig",
     "Wav2Vec2BertForCTC",
     "Wav2Vec2BertModel",

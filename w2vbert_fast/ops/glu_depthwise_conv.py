@@ -7,6 +7,8 @@ Reading order: reference → kernel → launcher → dispatch.
 import torch
 import torch.nn.functional as F
 
+from ._backend import use_triton
+
 
 # ----------------------------------------------------------------------------------------------- reference
 def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
@@ -27,4 +29,5 @@ def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, length
 # ------------------------------------------------------------------------------------------------ dispatch
 def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
     """swish(LayerNorm(causal_depthwise_conv(GLU(x)))) over the channel-last (B, T, 2C) x; returns (B, T, C)."""
+    use_triton(x)  # validates W2VBERT_FAST_BACKEND; the Triton kernel plugs in here
     return glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths)

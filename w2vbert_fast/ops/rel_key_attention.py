@@ -8,6 +8,8 @@ Reading order: reference → kernel → launcher → dispatch.
 
 import torch
 
+from ._backend import use_triton
+
 
 # ----------------------------------------------------------------------------------------------- reference
 def rel_key_attention_reference(q, k, v, distance_embedding, left, right, scale, key_mask=None):
@@ -41,6 +43,7 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     attending to the valid keys (False; needed when something downstream, e.g. the adapter, reads padded rows).
     Returns (B, L, H·D) in q's dtype.
     """
+    use_triton(q, k, v)  # validates W2VBERT_FAST_BACKEND; the Triton kernel plugs in here
     key_mask = None
     if lengths is not None:
         key_mask = torch.arange(q.shape[1], device=q.device)[None, :] < lengths.to(q.device)[:, None]
