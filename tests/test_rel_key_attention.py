@@ -112,6 +112,18 @@ def test_every_output_element_is_written(zero_padded_queries):
     assert_fp32_close(out, reference_fp32(q, k, v, table, 6, 3, lengths, zero_padded_queries))
 
 
+@pytest.mark.parametrize("block_m,block_n", sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                                                     for c in kernel_module._autotune_configs(interpreted=False)}),
+                         ids=lambda b: str(b))
+def test_every_tuned_block_shape_gives_the_same_result(block_m, block_n):
+    """The GPU autotuner may pick any of these; the interpreter runs each once on a ragged batch."""
+    q, k, v, table = make_inputs(2, 200, 1, 32, 64, 8, seed=4)
+    lengths = torch.tensor([200, 71], device=DEVICE, dtype=torch.int32)
+    out = _launch(q, k, v, table, 64, 8, 32 ** -0.5, lengths, True,
+                  config=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4))
+    assert_fp32_close(out, reference_fp32(q, k, v, table, 64, 8, lengths))
+
+
 @pytest.mark.parametrize("length", [7, 65, 130])
 @pytest.mark.parametrize("left,right", [(64, 8), (3, 5)], ids=["left64-right8", "left3-right5"])
 def test_fp16_error_within_twice_pytorch_fp16_error(backend, length, left, right):

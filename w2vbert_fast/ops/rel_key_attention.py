@@ -74,8 +74,8 @@ def _attend_key_block(
     return acc, m_new, l_i
 
 
-def _autotune_configs():
-    if triton_interpreter_enabled():
+def _autotune_configs(interpreted=None):
+    if triton_interpreter_enabled() if interpreted is None else interpreted:
         # The interpreter's cost is per program and per op; one small config keeps CI fast and, with blocks
         # smaller than the band, still exercises all three key-block kinds.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -142,21 +142,24 @@ def _rel_key_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key blocks past the sequence's length are skipped, not masked; the three ranges below partition the rest.
+    # Key blocks past the sequence's length are skipped, not masked; three ranges partition the rest.
     num_key_blocks = tl.cdiv(key_length, BLOCK_N)
     # block n is wholly left of the band when its last key j and the first query i have j - i <= -left
     band_start = tl.minimum(tl.maximum(start_m - left + 1, 0) // BLOCK_N, num_key_blocks)
     # ... and wholly right when its first key j and the last query i have j - i >= right
     band_end = tl.minimum((start_m + BLOCK_M - 1 + right + BLOCK_N - 1) // BLOCK_N, num_key_blocks)
     band_end = tl.maximum(band_end, band_start)
-    for block in range(0, band_start):
-        acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q, table, bias_left, k_base, v_base, block * BLOCK_N, offs_m, key_length,
-            stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, False, DOT_PRECISION)
+    # The band goes first so the table's registers are free for the long constant-bias loops. Whichever block
+    # comes first holds a valid key for every row (band_start < num_key_blocks when the band is not empty; block
+    # 0 otherwise), so the running max is finite from the first step on.
     for block in range(band_start, band_end):
         acc, m_i, l_i = _attend_key_block(
             acc, m_i, l_i, q, table, bias_left, k_base, v_base, block * BLOCK_N, offs_m, key_length,
             stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, True, DOT_PRECISION)
+    for block in range(0, band_start):
+        acc, m_i, l_i = _attend_key_block(
+            acc, m_i, l_i, q, table, bias_left, k_base, v_base, block * BLOCK_N, offs_m, key_length,
+            stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, False, DOT_PRECISION)
     for block in range(band_end, num_key_blocks):
         acc, m_i, l_i = _attend_key_block(
             acc, m_i, l_i, q, table, bias_right, k_base, v_base, block * BLOCK_N, offs_m, key_length,
@@ -172,8 +175,9 @@ def _rel_key_attention_kernel(
 _LOG2E = 1.4426950408889634
 
 
-def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None):
-    """``out``: a preallocated (B, L, H·D) buffer (tests pass one filled with NaN to catch unwritten rows)."""
+def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, config=None):
+    """``out``: a preallocated (B, L, H·D) buffer (tests pass one filled with NaN to catch unwritten rows);
+    ``config``: a dict of BLOCK_M/BLOCK_N/num_warps that bypasses autotuning (tests run every tuned shape)."""
     batch, length, heads, head_dim = q.shape
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
@@ -182,7 +186,8 @@ def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padde
         out = torch.empty(batch, length, heads * head_dim, device=q.device, dtype=q.dtype)
     num_distances = left + right + 1
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _rel_key_attention_kernel[grid](
+    kernel = _rel_key_attention_kernel if config is None else _rel_key_attention_kernel.fn
+    kernel[grid](
         q, k, v, emb, lengths if lengths is not None else q, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -195,6 +200,7 @@ def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padde
         HAS_LENGTHS=lengths is not None, ZERO_PADDED_QUERIES=bool(zero_padded_queries),
         # fp32 inputs would otherwise run on tf32 tensor cores, 1e-3 off transformers' fp32
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **(config or {}),
     )
     return out
 
