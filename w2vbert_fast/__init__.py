@@ -7,12 +7,14 @@
 
 from . import ops
 from .config import Wav2Vec2BertConfig
+from .features import FbankExtractor
 from .modeling import Wav2Vec2BertForCTC, Wav2Vec2BertModel
 from .patch import optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FbankExtractor",
     "Wav2Vec2BertConfig",
     "Wav2Vec2BertForCTC",
     "Wav2Vec2BertModel",

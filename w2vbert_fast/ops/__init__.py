@@ -2,11 +2,14 @@
 reference on CPU, unless ``W2VBERT_FAST_BACKEND`` says otherwise."""
 
 from .glu_depthwise_conv import glu_depthwise_conv, glu_depthwise_conv_reference
+from .log_mel_fbank import log_mel_fbank, log_mel_fbank_reference
 from .rel_key_attention import rel_key_attention, rel_key_attention_reference
 
 __all__ = [
     "glu_depthwise_conv",
     "glu_depthwise_conv_reference",
+    "log_mel_fbank",
+    "log_mel_fbank_reference",
     "rel_key_attention",
     "rel_key_attention_reference",
 ]
