@@ -1,0 +1,100 @@
+"""ops.log_mel_fbank: the Triton kernels (interpreted on CPU in CI, fp32 in, fp64 framing and FFT) against the
+fp64 PyTorch reference, which tests/test_features.py holds against transformers."""
+
+import pytest
+import torch
+from conftest import FBANK_ATOL, HAS_CUDA
+
+from w2vbert_fast.ops import log_mel_fbank, log_mel_fbank_reference
+from w2vbert_fast.ops.log_mel_fbank import _launch_log_mel, log_mel_reference, num_frames
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def padded_batch(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    waves = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        t = torch.arange(n) / 16000
+        waves[i, :n] = 0.3 * torch.sin(2 * torch.pi * (200 + 500 * i) * t * (1 + t)) + 0.05 * torch.randn(n, generator=generator)
+    return waves.to(DEVICE), torch.tensor(lengths, device=DEVICE)
+
+
+@pytest.mark.parametrize("lengths", [[560], [561, 720, 1999], [4000, 560, 3201]], ids=["two-frames", "edges", "ragged"])
+def test_kernel_log_mel_matches_reference_before_normalisation(lengths):
+    waves, lengths = padded_batch(lengths)
+    ours = _launch_log_mel(waves, lengths.to(torch.int32)).double().cpu()
+    expected = log_mel_reference(waves, lengths)
+    assert ours.shape == expected.shape
+    # fp32 output of an fp64 computation: a few ulps of values around 5–25
+    assert (ours - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("lengths", [[2000], [561, 720, 1999], [4000, 720, 3201]], ids=["one-clip", "edges", "ragged"])
+def test_kernel_matches_reference(backend, lengths):
+    # Normalisation divides by sqrt(var + 1e-7): a clip of two or three nearly equal frames amplifies an ulp of the
+    # log-mel up to ~3000×, in transformers as here, so the normalised comparison uses clips with some variance.
+    backend("triton")
+    waves, lengths = padded_batch(lengths)
+    ours = log_mel_fbank(waves, lengths)
+    expected = log_mel_fbank_reference(waves, lengths)
+    assert ours.shape == expected.shape == (len(lengths), int(num_frames(waves.shape[1])), 80)
+    assert (ours - expected).abs().max().item() <= FBANK_ATOL
+
+
+@pytest.mark.parametrize("block_f", [1, 8, 16])
+def test_every_frame_is_written_whatever_the_block(block_f):
+    """The output is poisoned with NaN first: frames past a clip's end must be written (as zeros) too."""
+    waves, lengths = padded_batch([3000, 900, 1200], seed=1)
+    out = torch.full((3, int(num_frames(3000)), 80), float("nan"), device=DEVICE)
+    _launch_log_mel(waves, lengths.to(torch.int32), block_f=block_f, out=out)
+    assert torch.isfinite(out).all()
+    for i, n in enumerate(lengths.tolist()):
+        assert (out[i, int(num_frames(n)):] == 0).all()
+        assert (out[i, : int(num_frames(n))] != 0).any()
+
+
+def test_padding_samples_do_not_leak_into_a_clip(backend):
+    backend("triton")
+    waves, lengths = padded_batch([2000, 1000], seed=2)
+    garbage = waves.clone()
+    garbage[1, 1000:] = 0.9
+    assert torch.equal(log_mel_fbank(waves, lengths), log_mel_fbank(garbage, lengths))
+
+
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_one_frame_clip_gives_zeros_not_nan(backend, which):
+    backend(which)
+    waves, lengths = padded_batch([1000, 450], seed=3)
+    out = log_mel_fbank(waves, lengths)
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+
+
+def test_without_lengths_every_sample_is_real():
+    waves, _ = padded_batch([1234, 1234])
+    assert torch.equal(log_mel_fbank(waves), log_mel_fbank(waves, torch.tensor([1234, 1234], device=DEVICE)))
+
+
+def test_the_op_is_registered_with_torch_library():
+    waves, lengths = padded_batch([900, 700])
+    torch.library.opcheck(torch.ops.w2vbert_fast.log_mel_fbank.default, (waves, lengths.to(torch.int32)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((torch.zeros(1000),), "waveforms must be a \\(batch, samples\\) tensor"),
+        ((torch.zeros(1, 1000, dtype=torch.int16),), "waveforms must be a floating-point"),
+        ((torch.zeros(2, 300),), "at least 400 samples"),
+        ((torch.zeros(2, 1000), torch.tensor([1000])), "lengths must be a \\(batch,\\)"),
+        ((torch.zeros(2, 1000), torch.tensor([1000.0, 900.0])), "lengths must be an integer"),
+        ((torch.zeros(2, 1000), torch.tensor([1000, 399])), "lengths must lie in \\[400, 1000\\]"),
+        ((torch.zeros(2, 1000), torch.tensor([1001, 400])), "lengths must lie in"),
+    ],
+    ids=["rank", "integer", "too-short", "lengths-shape", "float-lengths", "length-below-a-frame", "length-past-end"],
+)
+def test_bad_inputs_are_value_errors_naming_the_argument(args, message):
+    with pytest.raises(ValueError, match=message):
+        log_mel_fbank(*args)
