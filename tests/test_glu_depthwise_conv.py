@@ -91,15 +91,30 @@ def test_output_is_causal(backend):
     assert not torch.equal(a[0, 17:24], b[0, 17:24])
 
 
-@pytest.mark.parametrize("config", [(8, 4, 1), (8, 4, 5), (16, 4, 2), (32, 8, 3)],
-                         ids=["one-program", "five-programs", "tile16", "tile32"])
+@pytest.mark.parametrize("config", [(8, 32, 4, 1), (8, 32, 4, 5), (16, 64, 4, 2), (32, 128, 8, 3), (16, 16, 4, 4)],
+                         ids=["one-program", "five-programs", "tile16-chunk64", "tile32-one-chunk", "chunk16"])
 def test_every_output_element_is_written_whatever_the_tiling(config):
-    """The output is poisoned with NaN first; persistent programs must cover every tile, ragged last one included."""
+    """The output is poisoned with NaN first; persistent programs must cover every tile and every channel chunk,
+    ragged last ones included. config: (BLOCK_T, BLOCK_C, num_warps, programs)."""
     x, weight, ln_weight, ln_bias = make_inputs(3, 45, 72, 31, seed=2)
     lengths = torch.tensor([45, 20, 1], device=DEVICE, dtype=torch.int32)
     out = torch.full((3, 45, 72), float("nan"), device=DEVICE)
     _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, config=config)
     assert torch.isfinite(out).all()
+    assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
+
+
+GPU_CONFIGS = kernel_module._autotune_configs(interpreted=False)
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: "T{BLOCK_T}-C{BLOCK_C}".format(**c.kwargs))
+def test_every_gpu_autotune_config_is_correct(config):
+    """What the autotuner may pick on a GPU, run here under the interpreter: a wrong tiling fails in CI, not later."""
+    x, weight, ln_weight, ln_bias = make_inputs(2, 37, 136, 31, seed=6)
+    lengths = torch.tensor([37, 9], device=DEVICE, dtype=torch.int32)
+    out = torch.full((2, 37, 136), float("nan"), device=DEVICE)
+    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out,
+            config=(config.kwargs["BLOCK_T"], config.kwargs["BLOCK_C"], config.num_warps, 2))
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
 
 
@@ -145,8 +160,9 @@ def test_gradients_fall_back_to_the_reference(backend):
 def test_the_op_is_registered_with_torch_library():
     x, weight, ln_weight, ln_bias = make_inputs(2, 9, 48, 3)
     lengths = torch.tensor([9, 4], device=DEVICE, dtype=torch.int32)
+    # schema, fake tensor, autograd registration and aot dispatch (dynamic shapes): what torch.compile relies on
     torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv.default,
-                          (x, weight, ln_weight, ln_bias, EPS, lengths), test_utils=("test_schema", "test_faketensor"))
+                          (x, weight, ln_weight, ln_bias, EPS, lengths))
 
 
 def test_torch_compile_traces_through_the_kernel_without_graph_breaks(backend):

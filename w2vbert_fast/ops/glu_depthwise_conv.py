@@ -4,11 +4,14 @@ Input is the (B, T, 2C) output of pointwise_conv1; output (B, T, C) goes to poin
 these as five ops with two transposes, moving the activations five or six times; the kernel reads x once and
 writes the output once.
 
-Each program owns a tile of BLOCK_T time steps × all C channels (LayerNorm needs the whole row). It computes the
-GLU of the BLOCK_T + K - 1 input rows the tile's outputs read, once, into a small per-program scratch that stays in
-cache, then sums the K taps from it: the GLU's sigmoid is evaluated about (BLOCK_T + K - 1) / BLOCK_T times per
-element instead of K times. LayerNorm (two-pass, in registers) and swish follow before the one store. The grid is
-persistent (about two programs per SM) so the scratch stays small and cache-resident.
+Each program owns a tile of BLOCK_T time steps × all C channels (LayerNorm needs the whole row) and walks the
+channels in chunks of BLOCK_C. Per chunk it computes the GLU of the BLOCK_T + K - 1 input rows the tile's outputs
+read, once, into a per-program scratch window small enough (a few tens of KiB) to stay in L1, then sums the K taps
+from it: the GLU's sigmoid is evaluated about (BLOCK_T + K - 1) / BLOCK_T times per element instead of K times, and
+the K-fold re-reading hits L1 rather than L2. The un-normalised conv rows (fp32) go to a per-program row buffer;
+LayerNorm (two-pass: mean while convolving, then the centred variance, then normalise + swish + store) reads them
+back from cache. The grid is persistent (a few programs per SM) so every program's scratch is reused tile after
+tile and stays cache-resident instead of being written back to DRAM.
 
 Reading order: reference → kernel → launcher → torch.library op → dispatch.
 """
@@ -40,23 +43,57 @@ def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, length
 
 
 # -------------------------------------------------------------------------------------------------- kernel
+def _window_rows(block_t, kernel_size):
+    """Scratch rows of one GLU window: BLOCK_T + K - 1 rounded up to whole BLOCK_T chunks (the loads' shape)."""
+    return triton.cdiv(block_t + kernel_size - 1, block_t) * block_t
+
+
+def _scratch_per_program(block_t, block_c, channels, kernel_size):
+    """fp32 elements: the GLU window of one channel chunk, then the tile's un-normalised conv rows."""
+    return _window_rows(block_t, kernel_size) * block_c + block_t * triton.cdiv(channels, block_c) * block_c
+
+
+def _autotune_configs(interpreted=None):
+    if triton_interpreter_enabled() if interpreted is None else interpreted:
+        # The interpreter's cost is per op, not per element: one small config keeps CI fast, and tiles smaller than
+        # the tests' lengths and channel counts exercise ragged last tiles and chunks.
+        return [triton.Config({"BLOCK_T": 8, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4, num_stages=1)]
+    # The GLU window (16-40 KiB) stays in L1; the row buffer (BLOCK_T × C × 4 bytes per program) times the programs
+    # stays at a fraction of the L2 for C = 1024 (11-23 MiB), so the scratch is not written back to DRAM. Registers
+    # (ptxas, sm_90): 160-190 per thread at 8 accumulators a thread, 254 at 16, which bounds resident programs.
+    return [
+        triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps,
+                      num_stages=1)
+        for block_t, block_c, warps, per_sm in [
+            (16, 64, 4, 2), (8, 128, 4, 2), (8, 64, 2, 4), (16, 128, 8, 1), (16, 128, 4, 2), (32, 64, 4, 1),
+        ]
+    ]
+
+
+@triton.autotune(configs=_autotune_configs(), key=["channels", "KERNEL_SIZE"])
 @triton.jit
 def _glu_depthwise_conv_kernel(
     x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, out_ptr, scratch_ptr,
     stride_xb, stride_xt, stride_ob, stride_ot,
-    length, channels, eps, num_time_blocks, num_tiles,
+    batch, length, channels, eps, scratch_stride,
     KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
 ):
-    # the input rows one tile reads, in chunks of BLOCK_T rows: scratch row s holds input row t0 - (K - 1) + s
+    # scratch row s of the window holds the GLU of input row t0 - (K - 1) + s, for one chunk of channels
     WINDOW_CHUNKS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T
+    WINDOW_ROWS: tl.constexpr = WINDOW_CHUNKS * BLOCK_T
+    num_chunks = tl.cdiv(channels, BLOCK_C)
+    padded_channels = num_chunks * BLOCK_C
+    num_time_blocks = tl.cdiv(length, BLOCK_T)
+    num_tiles = batch * num_time_blocks
+
     pid = tl.program_id(0)
-    scratch = scratch_ptr + pid.to(tl.int64) * (WINDOW_CHUNKS * BLOCK_T * BLOCK_C)
     offs_t = tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
-    c_valid = offs_c < channels
-    ln_weight = tl.load(ln_weight_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
-    ln_bias = tl.load(ln_bias_ptr + offs_c, mask=c_valid, other=0.0).to(tl.float32)
+    window = scratch_ptr + pid.to(tl.int64) * scratch_stride
+    window_tile = window + offs_t[:, None] * BLOCK_C + offs_c[None, :]
+    conv_tile = window + WINDOW_ROWS * BLOCK_C + offs_t[:, None] * padded_channels + offs_c[None, :]
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         b = tile // num_time_blocks
@@ -66,54 +103,65 @@ def _glu_depthwise_conv_kernel(
             seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
         x_base = x_ptr + b.to(tl.int64) * stride_xb
 
-        if SYNC_SCRATCH:
-            tl.debug_barrier()  # every thread has finished reading the previous tile's scratch
-        for chunk in tl.static_range(WINDOW_CHUNKS):
-            rows = t0 - (KERNEL_SIZE - 1) + chunk * BLOCK_T + offs_t
-            # rows before the start are the conv's left padding; rows at or past the length are masked to zero input
-            row_valid = (rows >= 0) & (rows < seq_length) & (chunk * BLOCK_T + offs_t < BLOCK_T + KERNEL_SIZE - 1)
-            mask = row_valid[:, None] & c_valid[None, :]
-            x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + offs_c[None, :]
-            value = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(x_rows + channels, mask=mask, other=0.0).to(tl.float32)
-            scratch_rows = scratch + (chunk * BLOCK_T + offs_t)[:, None] * BLOCK_C + offs_c[None, :]
-            tl.store(scratch_rows, value * tl.sigmoid(gate))
-        if SYNC_SCRATCH:
-            tl.debug_barrier()  # the GLU rows are visible to every thread of the program
+        # pass 1, per channel chunk: GLU window → K taps → un-normalised conv rows, and the rows' sums
+        row_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for chunk in range(num_chunks):
+            cols = chunk * BLOCK_C + offs_c
+            c_valid = cols < channels
+            if SYNC_SCRATCH:
+                tl.debug_barrier()  # every thread has finished the previous chunk's (or tile's) reads of the scratch
+            for part in tl.static_range(WINDOW_CHUNKS):
+                rows = t0 - (KERNEL_SIZE - 1) + part * BLOCK_T + offs_t
+                # rows before 0 are the conv's left padding, rows at or past the length zero input; rows past the
+                # window's end are never read by a tap, so not loaded either
+                row_valid = (rows >= 0) & (rows < seq_length) & (part * BLOCK_T + offs_t < BLOCK_T + KERNEL_SIZE - 1)
+                mask = row_valid[:, None] & c_valid[None, :]
+                x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
+                value = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(x_rows + channels, mask=mask, other=0.0).to(tl.float32)
+                tl.store(window_tile + part * BLOCK_T * BLOCK_C, value * tl.sigmoid(gate))
+            if SYNC_SCRATCH:
+                tl.debug_barrier()  # the window is visible to every thread of the program
 
-        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for tap in range(KERNEL_SIZE):
-            glu = tl.load(scratch + (tap + offs_t)[:, None] * BLOCK_C + offs_c[None, :])
-            tap_weight = tl.load(weight_ptr + tap * channels + offs_c, mask=c_valid, other=0.0).to(tl.float32)
-            acc += glu * tap_weight[None, :]
+            acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+            for tap in range(KERNEL_SIZE):
+                glu = tl.load(window_tile + tap * BLOCK_C)
+                # channels past C get weight 0, so their conv rows are exact zeros for the LayerNorm sums
+                tap_weight = tl.load(weight_ptr + tap * channels + cols, mask=c_valid, other=0.0).to(tl.float32)
+                acc += glu * tap_weight[None, :]
+            row_sum += tl.sum(acc, 1)
+            tl.store(conv_tile + chunk * BLOCK_C, acc)
 
-        # LayerNorm over the channels, two-pass in registers (padded channels hold exact zeros)
-        mean = tl.sum(acc, 1) / channels
-        centred = tl.where(c_valid[None, :], acc - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / channels + eps)
-        y = centred * rstd[:, None] * ln_weight[None, :] + ln_bias[None, :]
-        y = y * tl.sigmoid(y)
+        # pass 2: the centred variance (two-pass: conv rows can have a mean large against their spread)
+        mean = row_sum / channels
+        if SYNC_SCRATCH:
+            tl.debug_barrier()  # the conv rows are visible to every thread
+        row_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for chunk in range(num_chunks):
+            c_valid = chunk * BLOCK_C + offs_c < channels
+            centred = tl.where(c_valid[None, :], tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None], 0.0)
+            row_sq += tl.sum(centred * centred, 1)
+        rstd = 1.0 / tl.sqrt(row_sq / channels + eps)
+
+        # pass 3: normalise, swish, the one store
         out_rows = t0 + offs_t
-        out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + out_rows[:, None].to(tl.int64) * stride_ot + offs_c[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(out_rows[:, None] < length) & c_valid[None, :])
+        out_base = out_ptr + b.to(tl.int64) * stride_ob + out_rows[:, None].to(tl.int64) * stride_ot
+        for chunk in range(num_chunks):
+            cols = chunk * BLOCK_C + offs_c
+            c_valid = cols < channels
+            ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            y = (tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None]) * rstd[:, None] * ln_weight[None, :]
+            y = y + ln_bias[None, :]
+            y = y * tl.sigmoid(y)
+            tl.store(out_base + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=(out_rows[:, None] < length) & c_valid[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ launcher
-_MAX_CHANNELS = 4096  # all channels of a row live in one program's registers
-
-
-def _pick_config(channels):
-    """(BLOCK_T, num_warps): about 16k fp32 accumulators per program."""
-    block_c = triton.next_power_of_2(channels)
-    if triton_interpreter_enabled():
-        return 8, 4  # small tiles: several tiles per program and a ragged last tile even at T = 100
-    block_t = max(8, min(64, 16384 // block_c))
-    return block_t, 8 if block_c >= 512 else 4
-
-
 def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=None):
-    """``out``: a preallocated (B, T, C) buffer (tests pass one filled with NaN); ``config``: (BLOCK_T, num_warps,
-    programs) to force a tiling (tests run several)."""
+    """``out``: a preallocated (B, T, C) buffer (tests pass one filled with NaN); ``config``: (BLOCK_T, BLOCK_C,
+    num_warps, programs) to force a tiling instead of the autotuned one (tests run several)."""
     batch, length, two_channels = x.shape
     channels = two_channels // 2
     kernel_size = conv_weight.shape[-1]
@@ -123,29 +171,39 @@ def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=N
     weight = conv_weight.reshape(channels, kernel_size).t().contiguous()
     if out is None:
         out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
-    block_c = triton.next_power_of_2(channels)
-    block_t, num_warps = _pick_config(channels)
-    if config is not None:
-        block_t, num_warps = config[0], config[1]
-    num_time_blocks = triton.cdiv(length, block_t)
-    num_tiles = batch * num_time_blocks
-    if config is not None and len(config) > 2:
-        programs = config[2]
-    elif x.is_cuda:
-        programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    if x.is_cuda:
+        sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
-        programs = 3  # the interpreter: a persistent loop of several tiles per program
-    programs = max(1, min(programs, num_tiles))
-    window_rows = triton.cdiv(block_t + kernel_size - 1, block_t) * block_t
-    scratch = torch.empty(programs * window_rows * block_c, device=x.device, dtype=torch.float32)
-    _glu_depthwise_conv_kernel[(programs,)](
+        sm_count = 3  # the interpreter: several tiles per program, so the persistent loop is exercised
+
+    if config is not None:
+        block_t, block_c, num_warps, programs = config
+        kernel = _glu_depthwise_conv_kernel.fn
+        configs = [triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": 1}, num_warps=num_warps)]
+        sm_count = programs
+    else:
+        kernel = _glu_depthwise_conv_kernel
+        configs = _glu_depthwise_conv_kernel.configs
+
+    def programs_for(meta):
+        return max(1, min(meta["PROGRAMS_PER_SM"] * sm_count, batch * triton.cdiv(length, meta["BLOCK_T"])))
+
+    # sized for whichever config the autotuner picks
+    scratch_stride = max(_scratch_per_program(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_C"], channels, kernel_size)
+                         for c in configs)
+    max_programs = max(programs_for(c.kwargs) for c in configs)
+    scratch = torch.empty(max_programs * scratch_stride, device=x.device, dtype=torch.float32)
+    extra = {}
+    if config is not None:
+        extra = dict(configs[0].kwargs, num_warps=configs[0].num_warps)
+    kernel[lambda meta: (programs_for(meta),)](
         x, weight, ln_weight, ln_bias, lengths if lengths is not None else x, out, scratch,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        length, channels, float(eps), num_time_blocks, num_tiles,
+        batch, length, channels, float(eps), scratch_stride,
         KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None,
         # the interpreter runs a program's threads in lock step: no barrier needed (nor implemented)
         SYNC_SCRATCH=not triton_interpreter_enabled(),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        **extra,
     )
     return out
 
@@ -190,7 +248,10 @@ def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths):
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
         devices.add(lengths.device)
-        if x.shape[0] > 0 and not torch.compiler.is_compiling() and int(lengths.min()) < 0:
+        # checked where it is free: on a GPU it would cost a device sync per layer (a negative length means no real
+        # frame, as 0 does, in the kernel and in the reference alike)
+        on_cpu = lengths.device.type == "cpu"
+        if on_cpu and x.shape[0] > 0 and not torch.compiler.is_compiling() and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be non-negative, got {lengths.tolist()}")
     if len(devices) > 1:
         raise ValueError(f"x, conv_weight, ln_weight, ln_bias and lengths must be on one device, got {sorted(map(str, devices))}")
@@ -208,8 +269,7 @@ def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
     """
     _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv_weight, ln_weight, ln_bias))
-    channels = x.shape[-1] // 2
-    if use_triton(x, conv_weight) and not needs_grad and x.numel() > 0 and channels <= _MAX_CHANNELS:
+    if use_triton(x, conv_weight) and not needs_grad and x.numel() > 0:
         if lengths is not None:
             lengths = lengths.to(torch.int32)
         return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths)
