@@ -1,0 +1,213 @@
+"""Turn pytest-benchmark JSON into the markdown tables of RESULTS.md.
+
+    python benchmarks/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md
+
+Reads what ``benchmarks/conftest.py``'s ``measure`` fixture records in each result's ``extra_info``:
+
+* ``device``, ``commit``, ``torch``, ``triton``, ``cuda``: where and what ran. A result with ``cuda`` unset (or a
+  device named ``cpu …``) is a CPU smoke run.
+* ``case`` (one table per device and case) and ``contender`` (one row).
+* ``role``: ``"reference"`` marks the contender the "vs reference" column divides by (transformers as a user runs
+  it), ``"ceiling"`` a bound none should beat (SDPA without bias, a plain copy of the same bytes); other rows have
+  none. "vs reference" is the speed-up, reference ms / row ms (> 1 = faster than the reference); "vs ceiling" is
+  ceiling ms / row ms (1.00 = as fast as the ceiling).
+* ``median_ms`` (CUDA-event median; pytest-benchmark's median when absent), ``tflops``, ``gbps``,
+  ``peak_extra_bytes`` (peak GPU memory allocated during the calls, above what was allocated before them).
+* optional, shown as columns when any row of the case has them: ``hours_audio_per_s``, ``mfu`` (over the measured
+  matmul rate ``peak_tflops``), ``copy_fraction`` (over the measured copy bandwidth ``peak_gbps``), ``oom`` (ran out
+  of GPU memory; ``error`` holds the allocator's message, shown under the table).
+
+When the same (device, case, contender) appears in several files, the newest file (its ``datetime``) wins.
+The output is generated: never edit RESULTS.md or the JSON under benchmarks/results/ by hand.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+
+NO_GPU_SENTENCE = (
+    "No GPU results yet: every table below (if any) is a CPU smoke run at tiny sizes in fp32, where \"ours\" runs "
+    "the PyTorch reference; it shows that the benchmarks run, not how fast anything is. Run `python -m w2vbert_fast "
+    "bench` on a GPU and commit the JSON it writes under benchmarks/results/."
+)
+
+OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
+    ("hours_audio_per_s", "h audio / s", lambda v: f"{v:,.1f}" if v >= 10 else f"{v:.3g}"),
+    ("mfu", "MFU", lambda v: f"{100 * v:.1f} %"),
+    ("copy_fraction", "of copy BW", lambda v: f"{100 * v:.0f} %"),
+]
+
+
+def load(paths):
+    """[(path, document)] with a ``datetime`` to order by."""
+    documents = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            try:
+                document = json.load(f)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}: not JSON ({error})")
+        if not isinstance(document, dict) or "benchmarks" not in document:
+            raise SystemExit(f"{path}: not pytest-benchmark output (no 'benchmarks' list; run pytest with "
+                             f"--benchmark-json=FILE)")
+        documents.append((path, document))
+    return documents
+
+
+def is_gpu(info) -> bool:
+    return bool(info.get("cuda")) or not str(info.get("device", "cpu")).lower().startswith("cpu")
+
+
+def median_ms(result):
+    info = result["extra_info"]
+    if info.get("oom"):
+        return None
+    if info.get("median_ms") is not None:
+        return float(info["median_ms"])
+    return float(result["stats"]["median"]) * 1e3
+
+
+def collect(documents):
+    """{device: {case: {contender: row}}} in first-seen order, the newest file winning on duplicates."""
+    tables = OrderedDict()
+    for path, document in sorted(documents, key=lambda item: item[1].get("datetime", "")):
+        for result in document["benchmarks"]:
+            info = result.get("extra_info") or {}
+            if "case" not in info or "contender" not in info:
+                continue  # not recorded through the measure fixture
+            row = dict(info, median=median_ms(result), file=os.path.basename(path),
+                       datetime=document.get("datetime", ""))
+            device = info.get("device") or "unknown device"
+            tables.setdefault(device, OrderedDict()).setdefault(info["case"], OrderedDict())[info["contender"]] = row
+    return tables
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def fmt_ms(ms):
+    if ms is None:
+        return "OOM"
+    return f"{ms:,.0f}" if ms >= 1000 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
+def ratio(numerator, denominator):
+    if numerator is None or denominator is None or denominator == 0:
+        return "—"
+    return f"{numerator / denominator:.2f}×"
+
+
+def case_table(rows) -> list:
+    """Markdown lines for one case."""
+    reference = next((r for r in rows.values() if r.get("role") == "reference"), None)
+    ceiling = next((r for r in rows.values() if r.get("role") == "ceiling"), None)
+    columns = ["contender", "median ms", "vs reference", "vs ceiling", "TFLOP/s", "GB/s", "peak memory"]
+    optional = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows.values())]
+    has_oom = any(r.get("oom") for r in rows.values())
+    if not any(r.get("tflops") is not None for r in rows.values()):
+        columns.remove("TFLOP/s")
+    if not any(r.get("gbps") is not None for r in rows.values()):
+        columns.remove("GB/s")
+    if ceiling is None:
+        columns.remove("vs ceiling")
+    header = columns + [c[1] for c in optional] + (["OOM"] if has_oom else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    notes = []
+    for name, row in rows.items():
+        label = name + (" (reference)" if row.get("role") == "reference" else
+                        " (ceiling)" if row.get("role") == "ceiling" else "")
+        ms = row["median"]
+        cells = {
+            "contender": label.replace("|", "\\|"),
+            "median ms": fmt_ms(ms),
+            "vs reference": ratio(reference["median"] if reference else None, ms),
+            "vs ceiling": ratio(ceiling["median"] if ceiling else None, ms),
+            "TFLOP/s": "—" if row.get("tflops") is None else f"{row['tflops']:.3g}",
+            "GB/s": "—" if row.get("gbps") is None else f"{row['gbps']:.3g}",
+            "peak memory": fmt_bytes(row.get("peak_extra_bytes")),
+        }
+        line = [cells[c] for c in columns]
+        line += ["—" if row.get(key) is None else f(row[key]) for key, _, f in optional]
+        if has_oom:
+            line.append("**out of memory**" if row.get("oom") else "")
+        lines.append("| " + " | ".join(line) + " |")
+        if row.get("oom") and row.get("error"):
+            notes.append(f"{name}: {row['error']}")
+    if reference is None:
+        lines.append("")
+        lines.append("_No contender has role \"reference\" in this case: no speed-ups._")
+    elif reference["median"] is None:
+        lines.append("")
+        lines.append("_The reference ran out of memory: no speed-ups._")
+    for note in notes:
+        lines.append("")
+        lines.append(f"- {note}")
+    return lines
+
+
+def render(documents) -> str:
+    tables = collect(documents)
+    files = [os.path.basename(path) for path, _ in documents]
+    rows = [row for cases in tables.values() for contenders in cases.values() for row in contenders.values()]
+    commits = sorted({(r.get("commit") or "unknown")[:12] + (" (dirty tree)" if r.get("dirty") else "")
+                      for r in rows})
+    gpu_devices = [d for d, cases in tables.items()
+                   if any(is_gpu(r) for c in cases.values() for r in c.values())]
+    out = ["# Benchmark results", "",
+           "_Generated by `benchmarks/report.py` from pytest-benchmark JSON; do not edit by hand — rerun "
+           "`python benchmarks/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md`._", ""]
+    out.append(f"- files: {', '.join(f'`{f}`' for f in files) if files else 'none'}")
+    out.append(f"- commits: {', '.join(f'`{c}`' for c in commits) if commits else 'none'}")
+    out.append(f"- devices: {', '.join(tables) if tables else 'none'}")
+    out.append("")
+    if not gpu_devices:
+        out += [NO_GPU_SENTENCE, ""]
+    out += ["How to read: *median ms* is the median of many timed calls (CUDA events on a GPU), warmed up, inputs "
+            "rotated; *vs reference* = reference ms / contender ms (the speed-up over the row marked reference, "
+            "transformers as a user runs it); *vs ceiling* = ceiling ms / contender ms (1.00× = as fast as a bound "
+            "no implementation should beat); *peak memory* = GPU memory allocated at the peak of the calls, above "
+            "what was allocated before (weights and inputs excluded); *MFU* = model FLOPs / time / the measured "
+            "dense matmul rate of the same device in the same dtype; *h audio / s* = hours of audio encoded per "
+            "second.", ""]
+    for device, cases in sorted(tables.items(), key=lambda item: (item[0] not in gpu_devices, item[0])):
+        sample = next(iter(next(iter(cases.values())).values()))
+        kind = "GPU" if device in gpu_devices else "CPU smoke run, not a speed claim"
+        out.append(f"## {device} ({kind})")
+        out.append("")
+        versions = ", ".join(f"{k} {sample[k]}" for k in ("torch", "triton", "cuda", "transformers") if sample.get(k))
+        out.append(f"{versions}; commit `{(sample.get('commit') or 'unknown')[:12]}`; recorded {sample['datetime'][:19]} "
+                   f"(`{sample['file']}`).")
+        out.append("")
+        for case, contenders in cases.items():
+            out.append(f"### {case}")
+            out.append("")
+            out += case_table(contenders)
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="pytest-benchmark JSON → RESULTS.md (markdown tables)")
+    parser.add_argument("files", nargs="*", help="--benchmark-json outputs (e.g. benchmarks/results/*.json)")
+    parser.add_argument("-o", "--output", help="write here (default: stdout)")
+    args = parser.parse_args(argv)
+    text = render(load(args.files))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Command line: ``python -m w2vbert_fast demo | extract | bench`` (also installed as ``w2vbert-fast``).
+
+* ``demo``: a bundled speech clip through features and encoder, the fast path against the reference path
+  (transformers when installed, else our PyTorch reference), printing the max difference and the time of each.
+* ``extract``: audio files → one safetensors file of one layer's hidden states per clip, batched by length,
+  resumable, unreadable files reported by name without stopping the rest.
+* ``bench``: the benchmark suite (a repository checkout's ``benchmarks/``) and its report.
+
+The standalone path (extract) never imports transformers.
+"""
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ARCHITECTURES = {
+    # facebook/w2v-bert-2.0 (600M parameters)
+    "w2v-bert-2.0": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                         feature_projection_input_dim=160, hidden_act="swish", position_embeddings_type="relative_key",
+                         left_max_position_embeddings=64, right_max_position_embeddings=8,
+                         conv_depthwise_kernel_size=31, add_adapter=False),
+    # for tests and quick checks: the same structure, small
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 feature_projection_input_dim=160, hidden_act="swish", position_embeddings_type="relative_key",
+                 left_max_position_embeddings=64, right_max_position_embeddings=8, conv_depthwise_kernel_size=31,
+                 add_adapter=False),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLE_RATE = 16000
+
+
+class CommandError(Exception):
+    """A usage problem found after parsing (bad layer, bad model folder): printed without a traceback, exit 2."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device_dtype(args):
+    device = torch.device(args.device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, DTYPES[dtype_name]
+
+
+def random_model(architecture: str = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
+    """A Wav2Vec2BertModel of a named architecture with seeded random weights (built on the CPU, so the same
+    seed gives the same weights on any device)."""
+    from . import Wav2Vec2BertConfig, Wav2Vec2BertModel
+
+    torch.manual_seed(seed)
+    model = Wav2Vec2BertModel(Wav2Vec2BertConfig(**ARCHITECTURES[architecture]))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(args, device, dtype):
+    """(model, description) from ``--model FOLDER`` or ``--random-weights ARCH``."""
+    from . import Wav2Vec2BertModel
+
+    if args.model:
+        try:
+            model = Wav2Vec2BertModel.from_pretrained(args.model, dtype=dtype, device=device)
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"--model {args.model}: {error}") from None
+        return model, f"{args.model}"
+    model = random_model(args.random_weights, args.seed, device, dtype)
+    return model, f"{args.random_weights} architecture, random weights (seed {args.seed})"
+
+
+def feature_extractor(model_folder=None):
+    from . import FbankExtractor
+
+    if model_folder and os.path.isfile(os.path.join(model_folder, "preprocessor_config.json")):
+        return FbankExtractor.from_pretrained(model_folder)
+    return FbankExtractor()
+
+
+@contextlib.contextmanager
+def backend(name):
+    """W2VBERT_FAST_BACKEND for the duration of a block (it is read at every call)."""
+    old = os.environ.get("W2VBERT_FAST_BACKEND")
+    os.environ["W2VBERT_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["W2VBERT_FAST_BACKEND"]
+        else:
+            os.environ["W2VBERT_FAST_BACKEND"] = old
+
+
+def timed(fn, device, warmup=0):
+    """(result, ms) of one call after ``warmup`` calls, synchronised on CUDA."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def count_parameters(model) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+# --------------------------------------------------------------------------------------------------- demo
+def reference_features(clip, use_transformers):
+    """(input_features (1, F, 160) float32 CPU, description)."""
+    if use_transformers:
+        import transformers
+
+        batch = transformers.SeamlessM4TFeatureExtractor()([clip], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        return batch["input_features"], "transformers SeamlessM4TFeatureExtractor (numpy, CPU)"
+    with backend("torch"):
+        batch = feature_extractor()([clip], sampling_rate=SAMPLE_RATE, device="cpu")
+    return batch["input_features"], "w2vbert_fast PyTorch reference (CPU)"
+
+
+def reference_encoder(model, use_transformers, device, dtype):
+    """(callable features → last hidden state, description): transformers' model with the same weights, or ours
+    with the PyTorch reference ops."""
+    if use_transformers:
+        import transformers
+
+        config = transformers.Wav2Vec2BertConfig(**model.config.to_dict())
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            reference = transformers.Wav2Vec2BertModel(config)
+        reference.load_state_dict(model.state_dict(), strict=True, assign=True)
+        reference = reference.to(device=device, dtype=dtype).eval()
+
+        def run(features):
+            return reference(features).last_hidden_state
+
+        return run, "transformers Wav2Vec2BertModel (sdpa)"
+
+    def run_ours(features):
+        with backend("torch"):
+            return model(features).last_hidden_state
+
+    return run_ours, "w2vbert_fast with W2VBERT_FAST_BACKEND=torch (the PyTorch reference ops)"
+
+
+def max_diff(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def demo(args):
+    from .audio import bundled_clip_path, read_audio
+
+    device, dtype = resolve_device_dtype(args)
+    use_transformers = not args.no_transformers
+    if use_transformers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            use_transformers = False
+    path = args.audio or bundled_clip_path()
+    clip, _ = read_audio(path, downmix=True, resample=True)
+    warmup = 1
+
+    print(f"w2vbert_fast demo on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {str(dtype)[6:]}")
+    if device.type != "cuda":
+        print("  no CUDA device: the fast path runs the PyTorch reference on CPU (the Triton kernels need a GPU), "
+              "so the two paths below differ only in\n  implementation details and their times say nothing about "
+              "the kernels")
+    print(f"audio: {os.path.basename(path)}, {len(clip) / SAMPLE_RATE:.2f} s")
+
+    # features
+    extractor = feature_extractor(args.model)
+    fast_batch, fast_ms = timed(lambda: extractor([clip], sampling_rate=SAMPLE_RATE, device=device), device,
+                                warmup=warmup)
+    (ref_features, ref_description), ref_ms = timed(lambda: reference_features(clip, use_transformers), device,
+                                                 warmup=warmup)
+    fast_features = fast_batch["input_features"]
+    print(f"features  fast      FbankExtractor on {device.type:<6} {fast_ms:10.1f} ms")
+    print(f"          reference {ref_description}  {ref_ms:10.1f} ms")
+    print(f"          max |diff| {max_diff(fast_features, ref_features):.2e}  "
+          f"({fast_features.shape[1]} frames x {fast_features.shape[2]})")
+
+    # encoder, both on the reference features
+    model, description = load_model(args, device, dtype)
+    print(f"model: {description}, {count_parameters(model)} parameters")
+    run_reference, ref_description = reference_encoder(model, use_transformers, device, dtype)
+    features = ref_features.to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        fast_out, fast_ms = timed(lambda: model(features).last_hidden_state, device, warmup=warmup)
+        ref_out, ref_ms = timed(lambda: run_reference(features), device, warmup=warmup)
+    diff = max_diff(fast_out, ref_out)
+    relative = ((fast_out.double() - ref_out.double()).norm() / ref_out.double().norm().clamp_min(1e-30)).item()
+    print(f"encoder   fast      w2vbert_fast.Wav2Vec2BertModel  {fast_ms:10.1f} ms")
+    print(f"          reference {ref_description}  {ref_ms:10.1f} ms")
+    print(f"          max |diff| {diff:.2e}, relative error {relative:.2e}  (last hidden state "
+          f"{fast_out.shape[1]} x {fast_out.shape[2]})")
+    if device.type == "cuda" and ref_ms > 0:
+        print(f"          speed-up {ref_ms / fast_ms:.2f}x (one call after one warm-up; see benchmarks/ for "
+              f"careful numbers)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ extract
+def gather_inputs(paths, list_file=None):
+    """[(audio path, output name without extension)] and [(path, error)] for inputs that do not exist."""
+    from .audio import AUDIO_EXTENSIONS
+
+    if list_file:
+        try:
+            with open(list_file, encoding="utf-8") as f:
+                paths = list(paths) + [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as error:
+            raise CommandError(f"--list {list_file}: {error.strerror}") from None
+    found, missing = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(AUDIO_EXTENSIONS):
+                        full = os.path.join(root, name)
+                        found.append((full, os.path.splitext(os.path.relpath(full, path))[0]))
+        elif os.path.exists(path):
+            found.append((path, os.path.splitext(os.path.basename(path))[0]))
+        else:
+            missing.append((path, f"{path}: no such file or folder"))
+    names = {}
+    for path, name in found:
+        if name in names and os.path.abspath(names[name]) != os.path.abspath(path):
+            raise CommandError(f"{names[name]} and {path} would both be written to {name}.safetensors; "
+                               f"extract them into different --out folders")
+        names[name] = path
+    unique = list({os.path.abspath(p): (p, n) for p, n in found}.values())
+    return unique, missing
+
+
+def plan_batches(clips, batch_seconds):
+    """Clips sorted by length, grouped so that (longest clip in the batch) × (batch size) ≤ batch_seconds."""
+    clips = sorted(clips, key=lambda clip: clip["seconds"])
+    batches, current = [], []
+    for clip in clips:
+        if current and clip["seconds"] * (len(current) + 1) > batch_seconds:
+            batches.append(current)
+            current = []
+        current.append(clip)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def save_hidden_states(path, hidden_states, metadata):
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".partial"
+    save_file({"hidden_states": hidden_states.contiguous().cpu()}, partial, metadata=metadata)
+    os.replace(partial, path)  # a crash never leaves a file that a rerun would skip
+
+
+def extract(args):
+    from . import __version__
+    from .audio import AudioError, audio_info, read_audio
+
+    device, dtype = resolve_device_dtype(args)
+    if args.batch_seconds <= 0:
+        raise CommandError(f"--batch-seconds must be positive, got {args.batch_seconds}")
+    clips, failures = gather_inputs(args.inputs, args.list)
+    if not clips and not failures:
+        raise CommandError(f"no audio files in {' '.join(args.inputs)} (looked for .wav, .flac, …)")
+    model, description = load_model(args, device, dtype)
+    layers = model.config.num_hidden_layers
+    if not 0 <= args.layer <= layers:
+        raise CommandError(f"--layer must be between 0 (the input to the first layer) and {layers} (the last "
+                           f"layer's output) for this model, got {args.layer}")
+    model.encoder.layers = model.encoder.layers[:args.layer]  # the layers after it are not needed
+    extractor = feature_extractor(args.model)
+    log = sys.stderr
+
+    todo, skipped, inputs = [], 0, len(clips) + len(failures)
+    for path, name in clips:
+        out = os.path.join(args.out, name + ".safetensors")
+        if os.path.exists(out) and not args.overwrite:
+            skipped += 1
+            continue
+        try:
+            info = audio_info(path)
+        except AudioError as error:
+            failures.append((path, str(error)))
+            continue
+        todo.append(dict(path=path, out=out, seconds=info.frames / info.sample_rate, rate=info.sample_rate))
+    print(f"extract: {inputs} inputs, {skipped} "
+          f"already written (skipped), {len(todo)} to do; layer {args.layer} of {description} on {device.type}, "
+          f"{str(dtype)[6:]}", file=log, flush=True)
+
+    def run(batch, waves):
+        features = extractor(waves, sampling_rate=SAMPLE_RATE, device=device)
+        lengths = features["attention_mask"].sum(dim=1).tolist()
+        with torch.inference_mode():
+            out = model(features["input_features"].to(dtype), attention_mask=features["attention_mask"],
+                        output_hidden_states=True)
+        hidden = out.hidden_states[args.layer]
+        for i, (clip, wave) in enumerate(zip(batch, waves)):
+            save_hidden_states(clip["out"], hidden[i, : int(lengths[i])], {
+                "layer": str(args.layer), "source": os.path.abspath(clip["path"]),
+                "sample_rate": str(SAMPLE_RATE), "source_sample_rate": str(clip["rate"]),
+                "num_samples": str(len(wave)), "model": description, "dtype": str(dtype)[6:],
+                "w2vbert_fast": __version__,
+            })
+
+    start, done, audio_done = time.perf_counter(), 0, 0.0
+    batches = plan_batches(todo, args.batch_seconds)
+    for number, batch in enumerate(batches, 1):
+        ready, waves = [], []
+        for clip in batch:
+            try:
+                wave, _ = read_audio(clip["path"], SAMPLE_RATE, downmix=args.downmix, resample=args.resample)
+                if len(wave) < 560:  # FbankExtractor needs two 25 ms frames to normalise
+                    raise AudioError(f"{clip['path']}: {len(wave)} samples is too short (at least 560, 35 ms)")
+            except AudioError as error:
+                failures.append((clip["path"], str(error)))
+                continue
+            ready.append(clip)
+            waves.append(wave)
+        if ready:
+            try:
+                run(ready, waves)
+            except (ValueError, RuntimeError) as batch_error:  # find the clip(s) at fault, keep the others
+                if len(ready) == 1:
+                    failures.append((ready[0]["path"], f"{ready[0]['path']}: {batch_error}"))
+                    ready = []
+                else:
+                    kept = []
+                    for clip, wave in zip(ready, waves):
+                        try:
+                            run([clip], [wave])
+                            kept.append(clip)
+                        except (ValueError, RuntimeError) as error:
+                            failures.append((clip["path"], f"{clip['path']}: {error}"))
+                    ready = kept
+        done += len(ready)
+        audio_done += sum(clip["seconds"] for clip in ready)
+        elapsed = time.perf_counter() - start
+        print(f"[batch {number}/{len(batches)}] {done}/{len(todo)} clips, {audio_done / 3600:.3f} h of audio in "
+              f"{elapsed:.1f} s ({audio_done / max(elapsed, 1e-9):.1f}x real time), {len(failures)} failed",
+              file=log, flush=True)
+
+    print(f"extract: {done} written, {skipped} skipped (already written), {len(failures)} failed -> {args.out}",
+          file=log, flush=True)
+    if failures:
+        print("failed (not written; fix or remove them and rerun: written clips are skipped):", file=log)
+        for _, message in failures:
+            print(f"  {message}", file=log)
+        return 1
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- bench
+def bench(args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    benchmarks = os.path.join(repo, "benchmarks")
+    if not os.path.isfile(os.path.join(benchmarks, "conftest.py")):
+        print("bench needs a checkout of the w2vbert_fast repository (its benchmarks/ folder is not installed with "
+              "the package):\n  git clone … && cd w2vbert_fast && pip install -e '.[test]' && "
+              "python -m w2vbert_fast bench", file=sys.stderr)
+        return 2
+    on_gpu = torch.cuda.is_available()
+    json_path = args.json
+    if json_path is None:
+        if on_gpu:
+            name = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name()).strip("-").lower()
+            commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=repo, capture_output=True,
+                                    text=True).stdout.strip() or "nocommit"
+            json_path = os.path.join(benchmarks, "results", f"{name}-{commit}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        else:
+            import tempfile
+
+            json_path = os.path.join(tempfile.mkdtemp(prefix="w2vbert_fast-bench-"), "cpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    command = [sys.executable, "-m", "pytest", benchmarks, "--benchmark-only", "-q", f"--benchmark-json={json_path}",
+               *args.pytest_args]
+    print("running: " + " ".join(command), file=sys.stderr, flush=True)
+    status = subprocess.run(command, cwd=repo).returncode
+    if not os.path.isfile(json_path):
+        print(f"pytest exited with {status} and wrote no {json_path}", file=sys.stderr)
+        return status or 1
+    report = [sys.executable, os.path.join(benchmarks, "report.py")]
+    if on_gpu and args.json is None:
+        import glob
+
+        results = sorted(glob.glob(os.path.join(benchmarks, "results", "*.json")))
+        subprocess.run(report + results + ["-o", os.path.join(benchmarks, "RESULTS.md")], check=True)
+        print(f"results: {json_path} (commit it) and benchmarks/RESULTS.md (generated)", file=sys.stderr)
+    else:
+        if not on_gpu:
+            print(f"no GPU: CPU smoke run, kept out of benchmarks/results/ ({json_path}); its report:", file=sys.stderr)
+        subprocess.run(report + [json_path], check=True)
+    return status
+
+
+# --------------------------------------------------------------------------------------------------- main
+def add_runtime_options(parser):
+    parser.add_argument("--device", help="cuda, cuda:1, cpu … (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def add_model_options(parser, random_default=None):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--model", metavar="FOLDER",
+                       help="a transformers-format checkpoint folder (config.json + model.safetensors), e.g. a "
+                            "download of facebook/w2v-bert-2.0")
+    group.add_argument("--random-weights", choices=sorted(ARCHITECTURES), default=random_default,
+                       help="seeded random weights of a named architecture instead of a checkpoint"
+                            + (f" (default: {random_default})" if random_default else " (for tests)"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m w2vbert_fast",
+                                     description="Fast Wav2Vec2-BERT (w2v-bert-2.0) encoder: demo, extract, bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo", help="a short speech clip through the fast path and the reference path",
+                            description="Features and encoder on a bundled speech clip, fast path vs reference "
+                                        "path: max difference and time of each, on whatever device is there.")
+    add_model_options(p, random_default="w2v-bert-2.0")
+    p.add_argument("--tiny", dest="random_weights", action="store_const", const="tiny",
+                   help="the tiny random architecture (seconds on a CPU; same as --random-weights tiny)")
+    p.add_argument("--audio", metavar="FILE", help="another clip instead of the bundled one")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="use our PyTorch reference as the reference path even when transformers is installed")
+    add_runtime_options(p)
+    p.set_defaults(handler=demo)
+
+    p = commands.add_parser("extract", help="audio files → one safetensors file of a layer's hidden states per clip",
+                            description="Hidden states of one layer for every clip: OUT/<name>.safetensors with a "
+                                        "tensor 'hidden_states' (frames, hidden) and metadata (layer, source, sample "
+                                        "rate). Clips already written are skipped, so a rerun resumes. Unreadable "
+                                        "files are reported by name at the end (exit status 1); the rest are "
+                                        "written.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders (searched recursively for "
+                                                              ".wav, .flac, …)")
+    p.add_argument("--list", metavar="FILE", help="a text file of audio paths, one per line")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_model_options(p)
+    p.add_argument("--layer", type=int, default=17,
+                   help="which hidden state: 0 = after the feature projection, N = output of layer N (default 17, "
+                        "what TTS systems use with w2v-bert-2.0)")
+    p.add_argument("--batch-seconds", type=float, default=None,
+                   help="padded audio per batch, in seconds (default: 300 on CUDA, 60 on CPU)")
+    p.add_argument("--resample", action="store_true", help="resample clips that are not 16 kHz (else an error)")
+    p.add_argument("--downmix", action="store_true", help="average multi-channel clips to mono (else an error)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    add_runtime_options(p)
+    p.set_defaults(handler=extract)
+
+    p = commands.add_parser("bench", help="run the benchmark suite and write its report",
+                            description="pytest benchmarks --benchmark-only --benchmark-json=… then "
+                                        "benchmarks/report.py. On a GPU the JSON goes to benchmarks/results/ and "
+                                        "RESULTS.md is regenerated; on a CPU it is a smoke run printed to stdout.")
+    p.add_argument("--json", help="where to write the pytest-benchmark JSON")
+    p.epilog = "Any other argument goes to pytest, e.g. `bench -k encoder`."
+    p.set_defaults(handler=bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.pytest_args = unknown
+    if args.command == "extract":
+        if not args.inputs and not args.list:
+            parser.error("extract: give audio files or folders, or --list FILE")
+        if not args.model and not args.random_weights:
+            parser.error("extract needs --model FOLDER (a transformers-format checkpoint: config.json + "
+                         "model.safetensors, e.g. a download of facebook/w2v-bert-2.0); --random-weights is for tests")
+        if args.batch_seconds is None:
+            args.batch_seconds = 300.0 if (args.device or default_device()).startswith("cuda") else 60.0
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Reading audio files for the command line: WAV with the standard library, everything else with soundfile.
+
+``read_audio(path) -> (float32 mono samples in [-1, 1], sample rate)``; ``audio_info(path)`` reads only the header.
+WAV (PCM 8/16/24/32-bit, IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE) is parsed here, so no extra
+package is needed; FLAC, OGG and the rest go through ``soundfile`` when it is installed, else a clear error says to
+install it. Every failure is an :class:`AudioError` whose message starts with the file's path.
+
+Multi-channel audio is an error unless ``downmix=True`` (the mean of the channels); a sample rate other than the
+one asked for is an error unless ``resample=True`` (a windowed-sinc resampler in torch, :func:`resample`).
+"""
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+WAV_EXTENSIONS = (".wav", ".wave")
+SOUNDFILE_EXTENSIONS = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+AUDIO_EXTENSIONS = WAV_EXTENSIONS + SOUNDFILE_EXTENSIONS
+
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+
+
+class AudioError(ValueError):
+    """A file that cannot be used: unreadable, unsupported, multi-channel, wrong rate. The message names it."""
+
+
+@dataclass
+class AudioInfo:
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def bundled_clip_path() -> str:
+    """A short English speech clip shipped with the package (16 kHz mono, about 6 s)."""
+    return str(resources.files("w2vbert_fast").joinpath("data", "speech_en_16k.wav"))
+
+
+# ------------------------------------------------------------------------------------------------ WAV
+@dataclass
+class _WavLayout:
+    info: AudioInfo
+    format: int  # _PCM or _FLOAT
+    bits: int
+    data_offset: int
+
+
+def _wav_layout(path) -> _WavLayout:
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+            raise AudioError(f"{path}: not a WAV file (no RIFF/WAVE header)")
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise AudioError(f"{path}: WAV file has no data chunk" if fmt else f"{path}: WAV file has no fmt chunk")
+            name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"fmt ":
+                body = f.read(size)
+                if len(body) < 16:
+                    raise AudioError(f"{path}: truncated WAV fmt chunk")
+                tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+                if tag == _EXTENSIBLE and len(body) >= 26:
+                    tag = struct.unpack("<H", body[24:26])[0]  # the sub-format GUID starts with the format tag
+                fmt = (tag, channels, rate, bits)
+            elif name == b"data":
+                if fmt is None:
+                    raise AudioError(f"{path}: WAV data chunk before its fmt chunk")
+                tag, channels, rate, bits = fmt
+                if tag not in (_PCM, _FLOAT):
+                    raise AudioError(f"{path}: WAV sample format {tag:#x} is not supported (PCM or IEEE float only; "
+                                     f"install soundfile or convert the file)")
+                if (tag == _PCM and bits not in (8, 16, 24, 32)) or (tag == _FLOAT and bits not in (32, 64)):
+                    raise AudioError(f"{path}: {bits}-bit {'PCM' if tag == _PCM else 'float'} WAV is not supported")
+                if channels < 1 or rate < 1:
+                    raise AudioError(f"{path}: WAV header says {channels} channels at {rate} Hz")
+                available = os.path.getsize(path) - f.tell()
+                if size == 0xFFFFFFFF or size > available:  # streamed or truncated: use what is there
+                    size = available
+                frames = size // (channels * bits // 8)
+                return _WavLayout(AudioInfo(rate, frames, channels), tag, bits, f.tell())
+            else:
+                f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are word-aligned
+
+
+def _read_wav(path):
+    layout = _wav_layout(path)
+    info, bits = layout.info, layout.bits
+    count = info.frames * info.channels
+    with open(path, "rb") as f:
+        f.seek(layout.data_offset)
+        raw = f.read(count * bits // 8)
+    if layout.format == _FLOAT:
+        data = np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
+    elif bits == 8:
+        data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif bits == 16:
+        data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif bits == 24:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        value = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        data = (np.where(value >= 1 << 23, value - (1 << 24), value)).astype(np.float32) / float(1 << 23)
+    else:
+        data = (np.frombuffer(raw, dtype="<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
+    return data.reshape(-1, info.channels), info.sample_rate
+
+
+# ------------------------------------------------------------------------------------------ soundfile
+def _soundfile(path):
+    try:
+        import soundfile
+    except ImportError:
+        raise AudioError(f"{path}: reading {os.path.splitext(path)[1] or 'this'} files needs the soundfile package "
+                         f"(pip install soundfile); WAV needs nothing") from None
+    return soundfile
+
+
+def audio_info(path) -> AudioInfo:
+    """Sample rate, length and channel count, from the header only."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    if path.lower().endswith(WAV_EXTENSIONS):
+        return _wav_layout(path).info
+    soundfile = _soundfile(path)
+    try:
+        info = soundfile.info(path)
+    except Exception as error:
+        raise AudioError(f"{path}: cannot read audio: {error}") from None
+    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
+
+
+def read_audio(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
+    """``(samples, sample_rate)``: float32 mono numpy samples in [-1, 1] at ``sample_rate``.
+
+    Raises AudioError (naming the file) for unreadable files, multi-channel audio without ``downmix``, another
+    rate without ``resample``, and non-finite samples. ``sample_rate=None`` keeps the file's rate.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    if path.lower().endswith(WAV_EXTENSIONS):
+        data, rate = _read_wav(path)
+    else:
+        soundfile = _soundfile(path)
+        try:
+            data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except Exception as error:
+            raise AudioError(f"{path}: cannot read audio: {error}") from None
+    if data.shape[1] > 1:
+        if not downmix:
+            raise AudioError(f"{path}: {data.shape[1]} channels; the encoder takes mono audio (pass --downmix to "
+                             f"average the channels)")
+        data = data.mean(axis=1, dtype=np.float32)
+    else:
+        data = data[:, 0]
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: audio has NaN or infinite samples")
+    if sample_rate is not None and rate != sample_rate:
+        if not resample:
+            raise AudioError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz (pass --resample to convert)")
+        data = resample_audio(torch.from_numpy(np.ascontiguousarray(data)), rate, sample_rate).numpy()
+        rate = sample_rate
+    return np.ascontiguousarray(data, dtype=np.float32), rate
+
+
+# ------------------------------------------------------------------------------------------- resampling
+def resample_audio(waveform: torch.Tensor, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6,
+                   rolloff: float = 0.99) -> torch.Tensor:
+    """Band-limited (Hann-windowed sinc) resampling of a 1-D or (..., T) tensor; torchaudio's ``resample`` when
+    torchaudio is installed, the same algorithm here otherwise."""
+    if orig_freq == new_freq:
+        return waveform
+    try:
+        import torchaudio.functional
+
+        return torchaudio.functional.resample(waveform, orig_freq, new_freq, lowpass_filter_width=lowpass_filter_width,
+                                              rolloff=rolloff)
+    except ImportError:
+        pass
+    gcd = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // gcd, int(new_freq) // gcd
+    dtype = waveform.dtype if waveform.is_floating_point() else torch.float32
+    base_freq = min(orig, new) * rolloff
+    width = math.ceil(lowpass_filter_width * orig / base_freq)
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
+    t = (t * base_freq).clamp(-lowpass_filter_width, lowpass_filter_width)
+    window = torch.cos(t * math.pi / lowpass_filter_width / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base_freq / orig)
+    shape = waveform.shape
+    flat = waveform.reshape(-1, shape[-1]).to(dtype)
+    length = shape[-1]
+    out = F.conv1d(F.pad(flat, (width, width + orig))[:, None], kernel.to(waveform.device, dtype), stride=orig)
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)[:, : math.ceil(new * length / orig)]
+    return out.reshape(*shape[:-1], out.shape[-1])
