@@ -221,12 +221,21 @@ def test_torch_compile_traces_through_the_kernel_without_graph_breaks(backend):
 )
 def test_bad_inputs_are_value_errors_naming_the_argument(backend, change, message):
     backend("triton")
-    q, k, v, table = make_inputs(2, 11, 2, 16, 3, 5)
-    args = dict(q=q, k=k, v=v, distance_embedding=table, left=3, right=5, scale=0.25,
-                lengths=torch.tensor([11, 4], device=DEVICE))
+    # on the CPU: that is where lengths' values are checked (on a GPU the check would sync every layer)
+    q, k, v, table = (t.cpu() for t in make_inputs(2, 11, 2, 16, 3, 5))
+    args = dict(q=q, k=k, v=v, distance_embedding=table, left=3, right=5, scale=0.25, lengths=torch.tensor([11, 4]))
     args = change(args)
     with pytest.raises(ValueError, match=message):
         rel_key_attention(**args)
+
+
+@requires_cuda
+def test_out_of_range_lengths_on_the_gpu_are_clamped_not_read_out_of_bounds(backend):
+    backend("triton")
+    q, k, v, table = make_inputs(2, 11, 2, 16, 3, 5)
+    out = rel_key_attention(q, k, v, table, 3, 5, 0.25, torch.tensor([0, 500], device=DEVICE))
+    assert torch.isfinite(out).all()
+    assert_fp32_close(out[1], reference_fp32(q, k, v, table, 3, 5)[1])
 
 
 # ------------------------------------------------------------------------------- in the model, vs transformers

@@ -38,3 +38,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "before triton is imported, or use W2VBERT_FAST_BACKEND=auto|torch"
         )
     return True
+
+
+def check_lengths(lengths, batch: int) -> None:
+    """The shape and dtype checks every op makes of its optional (batch,) integer ``lengths``."""
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch:
+        shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a (batch,) = ({batch},) integer tensor, got {shape}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+
+
+def values_checkable(lengths: torch.Tensor) -> bool:
+    """Whether checking ``lengths``' values is free: on a GPU it would cost a device sync per call (per layer, in
+    the model), and under torch.compile it is data-dependent. The kernels clamp lengths, so unchecked values stay
+    in bounds."""
+    return lengths.device.type == "cpu" and lengths.numel() > 0 and not torch.compiler.is_compiling()

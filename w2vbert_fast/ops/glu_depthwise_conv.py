@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import triton_interpreter_enabled, use_triton
+from ._backend import check_lengths, triton_interpreter_enabled, use_triton, values_checkable
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -242,16 +242,10 @@ def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths):
             raise ValueError(f"{name} must have shape (channels,) = ({channels},), got {tuple(t.shape)}")
     devices = {t.device for t in (x, conv_weight, ln_weight, ln_bias)}
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != x.shape[0]:
-            shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"lengths must be a (batch,) = ({x.shape[0]},) integer tensor, got {shape}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        check_lengths(lengths, x.shape[0])
         devices.add(lengths.device)
-        # checked where it is free: on a GPU it would cost a device sync per layer (a negative length means no real
-        # frame, as 0 does, in the kernel and in the reference alike)
-        on_cpu = lengths.device.type == "cpu"
-        if on_cpu and x.shape[0] > 0 and not torch.compiler.is_compiling() and int(lengths.min()) < 0:
+        # (unchecked on a GPU, a negative length means no real frame, as 0 does, in the kernel and the reference)
+        if values_checkable(lengths) and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be non-negative, got {lengths.tolist()}")
     if len(devices) > 1:
         raise ValueError(f"x, conv_weight, ln_weight, ln_bias and lengths must be on one device, got {sorted(map(str, devices))}")

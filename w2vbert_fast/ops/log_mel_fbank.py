@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import triton_interpreter_enabled, use_triton
+from ._backend import check_lengths, triton_interpreter_enabled, use_triton
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400
@@ -271,11 +271,7 @@ def log_mel_fbank(waveforms, lengths=None):
         raise ValueError(f"waveforms must have at least {FRAME_LENGTH} samples (one frame), got {total}")
     if lengths is None:
         lengths = torch.full((batch,), total, dtype=torch.int64, device=waveforms.device)
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch:
-        shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-        raise ValueError(f"lengths must be a (batch,) = ({batch},) integer tensor, got {shape}")
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    check_lengths(lengths, batch)
     if batch and not torch.compiler.is_compiling():
         low, high = int(lengths.min()), int(lengths.max())
         if low < FRAME_LENGTH or high > total:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import triton_interpreter_enabled, use_triton
+from ._backend import check_lengths, triton_interpreter_enabled, use_triton, values_checkable
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -248,16 +248,11 @@ def _check_inputs(q, k, v, distance_embedding, left, right, lengths):
         )
     devices = {t.device for t in (q, k, v, distance_embedding)}
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != q.shape[0]:
-            shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"lengths must be a (batch,) = ({q.shape[0]},) integer tensor, got {shape}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        check_lengths(lengths, q.shape[0])
         devices.add(lengths.device)
     if len(devices) > 1:
         raise ValueError(f"q, k, v, distance_embedding and lengths must be on one device, got {sorted(map(str, devices))}")
-    if lengths is not None and q.shape[0] > 0 and not torch.compiler.is_compiling():
-        # a data-dependent check: eager only (the kernel clamps lengths to [1, L] so a traced graph stays in bounds)
+    if lengths is not None and values_checkable(lengths):  # the kernel clamps lengths to [1, L] otherwise
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > q.shape[1]:
             raise ValueError(f"lengths must lie in [1, {q.shape[1]}] (every sequence needs a key), got [{low}, {high}]")
