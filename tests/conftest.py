@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+if HAS_CUDA:
+    # fp32 comparisons at 1e-4 need fp32 arithmetic: cuDNN convolutions would otherwise run in TF32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 # Absolute tolerance against transformers / the fp32 reference, for outputs computed in fp32.
 FP32_ATOL = 1e-4

@@ -4,6 +4,10 @@ import torch
 
 import w2vbert_fast
 
+# Where the Triton backend runs the real kernels: the GPU when there is one, else the CPU under the interpreter.
+# transformers, the oracle, stays on the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Odd sizes on purpose: hidden 48 over 3 heads (head 16), kernel 5, feature dim 20 (the real one is 160).
 TINY = dict(
     hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40, feature_projection_input_dim=20,

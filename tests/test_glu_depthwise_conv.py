@@ -216,12 +216,14 @@ def test_convolution_module_matches_transformers_end_to_end(backend, monkeypatch
     hf = randomize_(hf_modeling.Wav2Vec2BertConvolutionModule(hf_config)).eval()
     ours = Wav2Vec2BertConvolutionModule(Wav2Vec2BertConfig.from_dict(hf_config.to_dict())).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
+    ours.to(DEVICE)  # transformers, the oracle, stays on the CPU
     length = max(lengths)
     hidden = torch.randn(len(lengths), length, channels, generator=torch.Generator().manual_seed(5))
     mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
     with torch.no_grad():
         expected = hf(hidden, attention_mask=mask)
-        out = ours(hidden, Padding.from_attention_mask(mask.long(), length, len(lengths)))
+        padding = Padding.from_attention_mask(mask.long().to(DEVICE), length, len(lengths))
+        out = ours(hidden.to(DEVICE), padding).cpu()
     assert calls, "the kernel did not run"
     for i, n in enumerate(lengths):
         assert (out[i, :n] - expected[i, :n]).abs().max().item() <= FP32_ATOL

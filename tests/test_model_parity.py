@@ -5,19 +5,25 @@ import copy
 import pytest
 import torch
 from conftest import FP32_ATOL
-from model_helpers import max_diff_on_valid, our_model_like, ragged_batch, transformers_model
+from model_helpers import DEVICE, max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
 import w2vbert_fast
 
 LENGTHS = [23, 17, 5]  # ragged, not multiples of 8, one short sequence
 
 
-def compare(hf, ours, lengths=LENGTHS, mask=True, hidden_states=True):
+def compare(hf, ours, lengths=LENGTHS, mask=True, hidden_states=True, device="cpu"):
+    """transformers on the CPU against ours on ``device``; outputs compared on the CPU."""
     features, attention_mask = ragged_batch(lengths, hf.config.feature_projection_input_dim)
     attention_mask = attention_mask if mask else None
     with torch.no_grad():
         ref = hf(features, attention_mask=attention_mask, output_hidden_states=hidden_states)
-        out = ours(features, attention_mask=attention_mask, output_hidden_states=hidden_states)
+        ours = ours.to(device)
+        out = ours(features.to(device), attention_mask=None if attention_mask is None else attention_mask.to(device),
+                   output_hidden_states=hidden_states)
+        out.last_hidden_state = out.last_hidden_state.cpu()
+        if hidden_states:
+            out.hidden_states = tuple(h.cpu() for h in out.hidden_states)
     out_lengths = lengths
     if hf.config.add_adapter:
         out_lengths = hf._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()
@@ -111,4 +117,4 @@ def test_triton_backend_model_matches_transformers(backend):
     """The whole model with the real kernels (interpreted on CPU in CI) on a ragged batch."""
     backend("triton")
     hf = transformers_model(num_hidden_layers=1)
-    compare(hf, our_model_like(hf), lengths=[19, 11])
+    compare(hf, our_model_like(hf), lengths=[19, 11], device=DEVICE)

@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 from conftest import FP32_ATOL, HAS_CUDA, assert_fp32_close, assert_half_precision_close, requires_cuda
+from model_helpers import DEVICE as MODEL_DEVICE
 from model_helpers import max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
 import w2vbert_fast
@@ -245,15 +246,15 @@ def test_standalone_model_uses_the_kernel_and_matches_transformers(backend, monk
     real = kernel_module._rel_key_attention_op
     monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: calls.append(1) or real(*args))
     hf = transformers_model(num_hidden_layers=2, left_max_position_embeddings=8, right_max_position_embeddings=2)
-    ours = our_model_like(hf)
+    ours = our_model_like(hf).to(MODEL_DEVICE)
     lengths = [45, 21, 1]
     features, mask = ragged_batch(lengths, hf.config.feature_projection_input_dim)
     with torch.no_grad():
         ref = hf(features, attention_mask=mask, output_hidden_states=True)
-        out = ours(features, attention_mask=mask, output_hidden_states=True)
+        out = ours(features.to(MODEL_DEVICE), attention_mask=mask.to(MODEL_DEVICE), output_hidden_states=True)
     assert len(calls) == 2, "the kernel should run once per layer"
     for o, r in zip(out.hidden_states, ref.hidden_states):
-        assert max_diff_on_valid(o, r, lengths) <= FP32_ATOL
+        assert max_diff_on_valid(o.cpu(), r, lengths) <= FP32_ATOL
 
 
 def test_mask_with_holes_takes_the_reference_path_and_matches_transformers(backend, monkeypatch):
@@ -262,13 +263,13 @@ def test_mask_with_holes_takes_the_reference_path_and_matches_transformers(backe
     real = kernel_module._rel_key_attention_op
     monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: calls.append(1) or real(*args))
     hf = transformers_model(num_hidden_layers=1)
-    ours = our_model_like(hf)
+    ours = our_model_like(hf).to(MODEL_DEVICE)
     features, _ = ragged_batch([21, 21], hf.config.feature_projection_input_dim)
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[0, 4:9] = 0  # a hole, then real frames again: not right padding
     with torch.no_grad():
         ref = hf(features, attention_mask=mask).last_hidden_state
-        out = ours(features, attention_mask=mask).last_hidden_state
+        out = ours(features.to(MODEL_DEVICE), attention_mask=mask.to(MODEL_DEVICE)).last_hidden_state.cpu()
     assert not calls, "the kernel only handles right padding"
     assert (out[mask.bool()] - ref[mask.bool()]).abs().max().item() <= FP32_ATOL
 
@@ -280,11 +281,11 @@ def test_optimized_transformers_model_with_adapter_matches_through_the_kernel(ba
     reference = copy.deepcopy(hf)
     lengths = [23, 17, 6]
     features, mask = ragged_batch(lengths, hf.config.feature_projection_input_dim)
-    w2vbert_fast.optimize(hf)
+    w2vbert_fast.optimize(hf).to(MODEL_DEVICE)
     with torch.no_grad():
         ref = reference(features, attention_mask=mask).last_hidden_state
-        out = hf(features, attention_mask=mask).last_hidden_state
-    out_lengths = hf._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()
+        out = hf(features.to(MODEL_DEVICE), attention_mask=mask.to(MODEL_DEVICE)).last_hidden_state.cpu()
+    out_lengths = reference._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()
     assert max_diff_on_valid(out, ref, out_lengths) <= FP32_ATOL
 
 
@@ -295,12 +296,12 @@ def test_one_layer_at_the_real_sizes_matches_transformers_through_the_kernel(bac
         left_max_position_embeddings=64, right_max_position_embeddings=8, conv_depthwise_kernel_size=31,
         feature_projection_input_dim=160,
     )
-    ours = our_model_like(hf)
+    ours = our_model_like(hf).to(MODEL_DEVICE)
     lengths = [81, 40]
     features, mask = ragged_batch(lengths, 160)
     with torch.no_grad():
         ref = hf(features, attention_mask=mask).last_hidden_state
-        out = ours(features, attention_mask=mask).last_hidden_state
+        out = ours(features.to(MODEL_DEVICE), attention_mask=mask.to(MODEL_DEVICE)).last_hidden_state.cpu()
     assert max_diff_on_valid(out, ref, lengths) <= FP32_ATOL
 
 
