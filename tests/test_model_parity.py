@@ -118,3 +118,16 @@ def test_triton_backend_model_matches_transformers(backend):
     backend("triton")
     hf = transformers_model(num_hidden_layers=1)
     compare(hf, our_model_like(hf), lengths=[19, 11], device=DEVICE)
+
+
+def test_whole_model_compiles_in_one_graph_through_the_kernels(backend):
+    """torch.compile traces the standalone model through both custom ops without a graph break."""
+    backend("triton")
+    hf = transformers_model(num_hidden_layers=1)
+    ours = our_model_like(hf).to(DEVICE)
+    features, _ = ragged_batch([19, 19], hf.config.feature_projection_input_dim)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(features.to(DEVICE)).last_hidden_state.cpu()
+        ref = hf(features).last_hidden_state
+    assert (out - ref).abs().max().item() <= FP32_ATOL
