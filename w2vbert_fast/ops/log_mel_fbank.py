@@ -8,8 +8,8 @@ bin, over the utterance's frames, (x − mean) / sqrt(var(ddof=1) + 1e-7).
 
 Precision decides the design. transformers computes the DFT in fp64, and clean synthetic audio (a chirp, a tone
 with no noise floor) has mel bins 10⁻¹³ below the peak power: any fp32 DFT, as a matmul (3×TF32 or plain fp32
-FMA) or an FFT, leaves those bins wrong by tens of percent (measured here: 0.3 in log-mel on a chirp, 0.05–0.09 in
-the normalised features, against a tolerance of 1e-3). An fp64 DFT as a matmul costs ~410 kFLOP a frame, the
+FMA) or an FFT, makes a rounding error of ~1e-7 of the frame's amplitude, as large as those bins themselves, so
+their log-mel, and after normalisation the features, land far outside the 1e-3 tolerance. An fp64 DFT as a matmul costs ~410 kFLOP a frame, the
 whole fp64 CUDA-core budget of an H100 at 200 hours of audio a second; an fp64 FFT costs ~12 kFLOP. So the GPU
 path is two Triton kernels around cuFFT: one launch frames the whole padded batch (×32768, DC removal,
 pre-emphasis, window, in fp64, zero-padded to 512), cuFFT takes the fp64 real FFT, and a second launch takes
