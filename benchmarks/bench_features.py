@@ -5,14 +5,17 @@ CPU: 8 clips of 2–10 s. Contenders: transformers' SeamlessM4TFeatureExtractor 
 reference), our PyTorch CPU path (the ``auto`` backend on CPU tensors), and on a GPU our Triton kernels and a
 straightforward torch.stft implementation in fp32 (the obvious alternative; it is not exact on clean synthetic
 audio, see ops/log_mel_fbank.py). Every contender starts from the same host numpy clips and ends with tensors on
-its device. ``hours_audio_per_s`` is the throughput; ``bytes_moved`` counts the floor: samples read (fp32) and
-features written (fp32).
+its device. ``hours_audio_per_s`` is the throughput. The floor, recorded with every result: ``bytes_moved`` counts
+the bytes no implementation can avoid, samples read (fp32) and features written (fp32), ``floor_ms`` is those bytes
+at the measured copy bandwidth (``conftest.copy_gbps``); ``flops`` counts the arithmetic of the cheapest exact
+method, ~15 kFLOP a frame (an fp64 512-point real FFT ≈ 2.5·512·log₂512, framing, |X|², the 501 non-zero mel weights,
+log, normalisation). A window-folded DFT as a matmul would be ~410 kFLOP a frame (400 × 514 MACs) instead.
 """
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, copy_gbps
 
 import w2vbert_fast
 from w2vbert_fast.ops.log_mel_fbank import kaldi_mel_filters, povey_window
@@ -38,6 +41,8 @@ CLIPS = speech_like_clips()
 AUDIO_SECONDS = sum(len(c) for c in CLIPS) / RATE
 FRAMES = sum(1 + (len(c) - 400) // 160 for c in CLIPS)
 FLOOR_BYTES = 4 * sum(len(c) for c in CLIPS) + 4 * 80 * FRAMES
+FLOPS_PER_FRAME = 2.5 * 512 * 9 + 4 * 400 + 2 * 514 + 2 * 501 + 4 * 80
+FLOOR_FLOPS = int(FLOPS_PER_FRAME * FRAMES)
 
 
 def transformers_extractor():
@@ -90,9 +95,11 @@ CONTENDERS = {
 def test_feature_extraction(measure, contender):
     make, extra = CONTENDERS[contender]
     if "(GPU)" in contender and not ON_GPU:
-        pytest.skip("a GPU contender")
+        pytest.skip("needs a CUDA GPU: this contender runs on the GPU (no GPU on this machine)")
     fn = make()
     slow = contender.startswith("transformers")
+    bandwidth = copy_gbps()
     measure(fn, [(CLIPS,)], case=f"features {NUM_CLIPS} clips {SHORTEST_S}-{LONGEST_S} s", contender=contender,
-            bytes_moved=FLOOR_BYTES, audio_seconds=AUDIO_SECONDS, warmup=1 if slow else 3,
-            repeats=3 if slow else 10, rounds=1 if slow else None, frames=FRAMES, **extra)
+            bytes_moved=FLOOR_BYTES, peak_gbps=bandwidth, flops=FLOOR_FLOPS, audio_seconds=AUDIO_SECONDS,
+            warmup=1 if slow else 3, repeats=3 if slow else 10, rounds=1 if slow else None, frames=FRAMES,
+            floor_ms=FLOOR_BYTES / (bandwidth * 1e9) * 1e3, **extra)

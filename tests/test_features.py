@@ -104,6 +104,14 @@ def test_each_edge_length_alone_matches_transformers(reference, samples):
     assert_same_as_transformers(w2vbert_fast.FbankExtractor()(clip), reference(clip, sampling_rate=RATE))
 
 
+@pytest.mark.parametrize("frames", [255, 256, 257, 513])
+def test_cpu_path_chunk_boundaries_match_transformers(backend, reference, frames):
+    """The CPU path works in chunks of 256 frames of one clip: clips ending either side of a chunk boundary."""
+    backend("torch")
+    clips = [synthetic("chirp", (frames - 1) * 160 + 400 + extra, seed=frames) for extra in (0, 159)]
+    assert_same_as_transformers(w2vbert_fast.FbankExtractor()(clips), reference(clips, sampling_rate=RATE))
+
+
 def test_ragged_batch_equals_clips_one_at_a_time():
     clips = [synthetic("noise", n, seed=n) for n in (5000, 12345, 561, 9999)]
     fe = w2vbert_fast.FbankExtractor()
