@@ -96,7 +96,7 @@ class Padding:
     """
 
     mask: torch.Tensor  # (B, T) bool, True = real frame
-    lengths: Optional[torch.Tensor]  # (B,) int64, or None when the mask has holes
+    lengths: Optional[torch.Tensor]  # (B,) int32, or None when the mask has holes
     keep_padded_rows: bool = False
 
     @staticmethod
@@ -111,7 +111,7 @@ class Padding:
             if not ((attention_mask == 0) | (attention_mask == 1)).all():
                 raise ValueError("attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding)")
         mask = attention_mask.bool()
-        lengths = mask.sum(dim=1)
+        lengths = mask.sum(dim=1, dtype=torch.int32)  # the kernels' dtype: no per-layer conversion
         if not bool((lengths > 0).all()):
             empty = torch.nonzero(lengths == 0).flatten().tolist()
             raise ValueError(f"attention_mask has no real frame in batch row(s) {empty}: every sequence needs at least one")
