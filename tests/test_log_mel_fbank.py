@@ -42,12 +42,14 @@ def test_kernel_matches_reference(backend, lengths):
     assert (ours - expected).abs().max().item() <= FBANK_ATOL
 
 
-@pytest.mark.parametrize("block_f", [1, 8, 16])
-def test_every_frame_is_written_whatever_the_block(block_f):
-    """The output is poisoned with NaN first: frames past a clip's end must be written (as zeros) too."""
+@pytest.mark.parametrize("frames_block, mel_block, bins_block", [(1, 16, 16), (4, 32, 32), (8, 16, 128), (16, 32, 256)])
+def test_every_frame_is_written_whatever_the_block(frames_block, mel_block, bins_block):
+    """The output is poisoned with NaN first: frames past a clip's end must be written (as zeros) too, whatever the
+    frames per program of either kernel and the DFT bins per step of the mel sum."""
     waves, lengths = padded_batch([3000, 900, 1200], seed=1)
     out = torch.full((3, int(num_frames(3000)), 80), float("nan"), device=DEVICE)
-    _launch_log_mel(waves, lengths.to(torch.int32), block_f=block_f, out=out)
+    _launch_log_mel(waves, lengths.to(torch.int32), frames_config=dict(BLOCK_F=frames_block, num_warps=4),
+                    log_mel_config=dict(BLOCK_F=mel_block, BLOCK_K=bins_block, num_warps=4), out=out)
     assert torch.isfinite(out).all()
     for i, n in enumerate(lengths.tolist()):
         assert (out[i, int(num_frames(n)):] == 0).all()
@@ -69,6 +71,21 @@ def test_one_frame_clip_gives_zeros_not_nan(backend, which):
     out = log_mel_fbank(waves, lengths)
     assert torch.isfinite(out).all()
     assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_a_nan_sample_gives_nan_features_for_its_clip_only(backend, which):
+    """NaN in, NaN out, on both paths (the Triton path once floored NaN mel energies to finite features): every
+    valid frame of the clip holding the NaN (its per-bin mean is NaN), none of its padding, nothing of other clips."""
+    backend(which)
+    waves, lengths = padded_batch([3000, 4000], seed=4)
+    clean = log_mel_fbank(waves, lengths)
+    waves[0, 1500] = float("nan")
+    out = log_mel_fbank(waves, lengths)
+    frames = int(num_frames(3000))
+    assert torch.isnan(out[0, :frames]).all()
+    assert (out[0, frames:] == 0).all()
+    assert torch.equal(out[1], clean[1])
 
 
 def test_without_lengths_every_sample_is_real():

@@ -12,9 +12,10 @@ FMA) or an FFT, makes a rounding error of ~1e-7 of the frame's amplitude, as lar
 their log-mel, and after normalisation the features, land far outside the 1e-3 tolerance. An fp64 DFT as a matmul costs ~410 kFLOP a frame, the
 whole fp64 CUDA-core budget of an H100 at 200 hours of audio a second; an fp64 FFT costs ~12 kFLOP. So the GPU
 path is two Triton kernels around cuFFT: one launch frames the whole padded batch (×32768, DC removal,
-pre-emphasis, window, in fp64, zero-padded to 512), cuFFT takes the fp64 real FFT, and a second launch takes
-|X|² (bins 0 … 255: bin 256, 8 kHz, has zero weight in every filter), the mel matmul (positive terms, so fp32 is
-exact enough) and the floored log. The per-utterance normalisation is a few batched tensor ops over (B, F, 80).
+pre-emphasis, window, in fp64, zero-padded to 512), cuFFT takes the fp64 real FFT, and a second launch rounds the
+spectrum to fp32 (as transformers' complex64) and takes |X|² (bins 0 … 255: bin 256, 8 kHz, has zero weight in every
+filter), the mel matmul (positive terms, so fp32 is exact enough) and the floored log. fp64 arithmetic runs in the
+framing kernel only (benchmarks/compile_check.py checks the machine code for it). The per-utterance normalisation is a few batched tensor ops over (B, F, 80).
 
 The CPU path (the reference) does the same arithmetic with PyTorch ops over chunks of 256 frames of one clip, fp64
 framing and pocketfft/MKL fp64 FFT, the mel sum as five banded blocks, normalisation in place per clip: ~8× faster
@@ -91,9 +92,10 @@ def normalize_per_mel_bin(log_mel, frame_counts):
     valid = (torch.arange(frames, device=log_mel.device)[None, :] < frame_counts[:, None])[..., None]
     counts = frame_counts.to(log_mel.dtype)[:, None, None]
     mean = log_mel.sum(1, keepdim=True) / counts
-    centred = (log_mel - mean).mul_(valid)
+    # selects, not products: the padding of a clip with a NaN sample stays 0 (its valid frames are NaN)
+    centred = torch.where(valid, log_mel - mean, 0.0)
     variance = centred.square().sum(1, keepdim=True) / (counts - 1).clamp_min(1)
-    return centred.div_(variance.add_(VARIANCE_EPS).sqrt_())
+    return torch.where(valid, centred / variance.add_(VARIANCE_EPS).sqrt_(), 0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,14 +216,15 @@ def _frames_kernel(
     frame_valid = offs_f < clip_frames
     mask = frame_valid[:, None] & in_frame[None, :]
     samples = wave_ptr + b.to(tl.int64) * stride_wb + offs_f[:, None].to(tl.int64) * HOP + offs_n[None, :]
-    x = tl.load(samples, mask=mask, other=0.0).to(tl.float64) * SCALE
-    # sample n - 1 of the frame; the first sample is pre-emphasised against itself
-    previous = tl.load(samples - 1, mask=mask & (offs_n[None, :] > 0), other=0.0).to(tl.float64) * SCALE
-    mean = tl.sum(x, 1) / FRAME
-    centred = x - mean[:, None]
-    previous = tl.where(offs_n[None, :] > 0, previous - mean[:, None], centred)
+    # fp32 samples ×32768 are exact in fp64; the loads stay fp32 until the arithmetic (half the registers)
+    x = tl.load(samples, mask=mask, other=0.0)
+    previous = tl.load(samples - 1, mask=mask & (offs_n[None, :] > 0), other=0.0)
+    mean = tl.sum(x.to(tl.float64), 1) * SCALE / FRAME
+    # pre-emphasis of the centred frame: (x - mean) - c·(x₋₁ - mean), the first sample against itself
+    emphasised = x.to(tl.float64) * SCALE - PREEMPHASIS_COEF * tl.where(
+        offs_n[None, :] > 0, previous.to(tl.float64) * SCALE, x.to(tl.float64) * SCALE)
     window = tl.load(window_ptr + offs_n, mask=in_frame, other=0.0)
-    y = tl.where(mask, (centred - PREEMPHASIS_COEF * previous) * window[None, :], 0.0)
+    y = tl.where(mask, (emphasised - (1.0 - PREEMPHASIS_COEF) * mean[:, None]) * window[None, :], 0.0)
     out = frames_ptr + b.to(tl.int64) * stride_fb + offs_f[:, None].to(tl.int64) * stride_ff + offs_n[None, :]
     tl.store(out, y, mask=offs_f[:, None] < max_frames)
 
@@ -230,53 +233,73 @@ def _frames_kernel(
 def _log_mel_kernel(
     spectrum_ptr, lengths_ptr, mel_ptr, out_ptr, stride_sb, stride_sf, stride_ob, stride_of, max_frames,
     FRAME: tl.constexpr, HOP: tl.constexpr, NUM_BINS: tl.constexpr, NUM_MEL: tl.constexpr, BLOCK_MEL: tl.constexpr,
-    MEL_FLOOR_VALUE: tl.constexpr, BLOCK_F: tl.constexpr,
+    MEL_FLOOR_VALUE: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """log(max(|X|² @ filters, floor)) from the FFT's (B, F, 257, 2) fp64 output; frames past a clip's end → 0."""
+    """log(max(|X|² @ filters, floor)) from the FFT's (B, F, 257, 2) fp64 output; frames past a clip's end → 0.
+
+    The DFT bins are summed in chunks of BLOCK_K: only a (BLOCK_K, 128) slice of the filters is in shared memory at
+    a time (the whole (256, 128) bank would be 128 KB, one block per SM)."""
     b = tl.program_id(1)
     clip_frames = (tl.load(lengths_ptr + b).to(tl.int32) - FRAME) // HOP + 1
     offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     frame_valid = offs_f < clip_frames
-    offs_bin = tl.arange(0, NUM_BINS)
-    bins = spectrum_ptr + b.to(tl.int64) * stride_sb + offs_f[:, None].to(tl.int64) * stride_sf + 2 * offs_bin[None, :]
-    real = tl.load(bins, mask=frame_valid[:, None], other=0.0)
-    imag = tl.load(bins + 1, mask=frame_valid[:, None], other=0.0)
-    # a sum of positive terms: fp32 keeps ~1e-7 relative accuracy, and the fp32 FMA path is exact enough
-    power = (real * real + imag * imag).to(tl.float32)
     offs_mel = tl.arange(0, BLOCK_MEL)
-    filters = tl.load(mel_ptr + offs_bin[:, None] * BLOCK_MEL + offs_mel[None, :])
-    mel = tl.dot(power, filters, input_precision="ieee")
-    log_mel = tl.where(frame_valid[:, None], tl.log(tl.maximum(mel, MEL_FLOOR_VALUE)), 0.0)
+    rows = spectrum_ptr + b.to(tl.int64) * stride_sb + offs_f[:, None].to(tl.int64) * stride_sf
+    mel = tl.zeros([BLOCK_F, BLOCK_MEL], dtype=tl.float32)
+    for k in range(0, NUM_BINS, BLOCK_K):
+        offs_bin = k + tl.arange(0, BLOCK_K)
+        bins = rows + 2 * offs_bin[None, :]
+        # the spectrum rounded to fp32 first, then squared in fp32, as transformers (complex64 spectrum): a sum of
+        # positive terms, so fp32 keeps ~1e-7 relative accuracy with no fp64 arithmetic here
+        real = tl.load(bins, mask=frame_valid[:, None], other=0.0).to(tl.float32)
+        imag = tl.load(bins + 1, mask=frame_valid[:, None], other=0.0).to(tl.float32)
+        filters = tl.load(mel_ptr + offs_bin[:, None] * BLOCK_MEL + offs_mel[None, :])
+        mel = tl.dot(real * real + imag * imag, filters, mel, input_precision="ieee")
+    # NaN in (a NaN sample) stays NaN out, as in the reference (torch's clamp keeps NaN; tl.maximum would drop it)
+    floored = tl.maximum(mel, MEL_FLOOR_VALUE, propagate_nan=tl.PropagateNan.ALL)
+    log_mel = tl.where(frame_valid[:, None], tl.log(floored), 0.0)
     out = out_ptr + b.to(tl.int64) * stride_ob + offs_f[:, None].to(tl.int64) * stride_of + offs_mel[None, :]
     tl.store(out, log_mel, mask=(offs_f[:, None] < max_frames) & (offs_mel[None, :] < NUM_MEL))
 
 
 # ------------------------------------------------------------------------------------------------ launcher
-def _launch_log_mel(waveforms, lengths, block_f=None, out=None):
+# Launch configurations on a GPU (benchmarks/compile_check.py compiles exactly these; ptxas, sm_90a / sm_80, triton
+# 3.9). Framing: 4 frames × 512 per 4-warp program, 16 samples a thread: 84 / 90 registers, no spill (16 frames a
+# program needed 255 and spilled). Log-mel: 32 frames a program, 32 bins a step, 8 warps: 93 / 80 registers, 36 KB
+# of shared memory (the whole filter bank at once asked for 144 KB, one block per SM, and spilled).
+FRAMES_LAUNCH = [dict(BLOCK_F=4, num_warps=4)]
+LOG_MEL_LAUNCH = [dict(BLOCK_F=32, BLOCK_K=32, num_warps=8, num_stages=2)]
+# Under the interpreter the cost is per program and per op: bigger blocks, fewer steps.
+_INTERPRETED_FRAMES = dict(BLOCK_F=8, num_warps=4)
+_INTERPRETED_LOG_MEL = dict(BLOCK_F=16, BLOCK_K=128, num_warps=4)
+
+
+def _launch_log_mel(waveforms, lengths, frames_config=None, log_mel_config=None, out=None):
     """Unnormalised log-mel (B, F, 80) fp32 of every frame of every clip: two launches around one fp64 FFT.
-    ``out``: a preallocated buffer (tests pass one filled with NaN); ``block_f``: frames per program."""
+    ``out``: a preallocated buffer (tests pass one filled with NaN); ``frames_config``/``log_mel_config``: the blocks
+    and warps of each launch (default: FRAMES_LAUNCH[0] and LOG_MEL_LAUNCH[0] on a GPU)."""
     batch, total = waveforms.shape
     frames = int(num_frames(total))
     window, mel = _device_constants(waveforms.device)
     if waveforms.stride(1) != 1:
         waveforms = waveforms.contiguous()
-    if block_f is None:
-        block_f = 8 if triton_interpreter_enabled() else 16
-    grid = (triton.cdiv(frames, block_f), batch)
+    interpreted = triton_interpreter_enabled()
+    frames_config = frames_config or (_INTERPRETED_FRAMES if interpreted else FRAMES_LAUNCH[0])
+    log_mel_config = log_mel_config or (_INTERPRETED_LOG_MEL if interpreted else LOG_MEL_LAUNCH[0])
     framed = torch.empty(batch, frames, FFT_LENGTH, device=waveforms.device, dtype=torch.float64)
-    _frames_kernel[grid](
+    _frames_kernel[(triton.cdiv(frames, frames_config["BLOCK_F"]), batch)](
         waveforms, lengths, window, framed, waveforms.stride(0), framed.stride(0), framed.stride(1), frames,
         FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, FFT=FFT_LENGTH, SCALE=INT16_SCALE, PREEMPHASIS_COEF=PREEMPHASIS,
-        BLOCK_F=block_f, num_warps=4,
+        **frames_config,
     )
     spectrum = torch.view_as_real(torch.fft.rfft(framed, dim=-1))  # (B, F, 257, 2) fp64
     del framed
     if out is None:
         out = torch.empty(batch, frames, NUM_MEL_BINS, device=waveforms.device, dtype=torch.float32)
-    _log_mel_kernel[grid](
+    _log_mel_kernel[(triton.cdiv(frames, log_mel_config["BLOCK_F"]), batch)](
         spectrum, lengths, mel, out, spectrum.stride(0), spectrum.stride(1), out.stride(0), out.stride(1), frames,
         FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, NUM_BINS=_NUM_BINS, NUM_MEL=NUM_MEL_BINS, BLOCK_MEL=128,
-        MEL_FLOOR_VALUE=MEL_FLOOR, BLOCK_F=block_f, num_warps=4,
+        MEL_FLOOR_VALUE=MEL_FLOOR, **log_mel_config,
     )
     return out
 
@@ -301,7 +324,8 @@ def log_mel_fbank(waveforms, lengths=None):
     waveforms: (B, N) float tensor of samples in [-1, 1] (the extractor's input scale), right-padded;
     lengths: optional (B,) integer sample counts, each in [400, N] (default: all N).
     Returns (B, 1 + (N − 400) // 160, 80) float32: per clip, its 1 + (length − 400) // 160 frames normalised per mel
-    bin, zeros after them. A one-frame clip (400–559 samples) gets zeros (its variance is undefined).
+    bin, zeros after them. A one-frame clip (400–559 samples) gets zeros (its variance is undefined). A NaN sample
+    makes every frame of its clip NaN, on every path (FbankExtractor rejects non-finite audio before this).
     """
     if not isinstance(waveforms, torch.Tensor) or waveforms.dim() != 2:
         shape = tuple(waveforms.shape) if isinstance(waveforms, torch.Tensor) else type(waveforms).__name__
