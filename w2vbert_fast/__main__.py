@@ -97,7 +97,8 @@ def max_diff(a, b):
 
 
 def demo(args):
-    from .audio import bundled_clip_path, read_audio
+    from .audio import AudioError, bundled_clip_path, read_audio
+    from .features import MAX_ABS_SAMPLE
 
     device, dtype = resolve_device_dtype(args)
     use_transformers = not args.no_transformers
@@ -107,7 +108,15 @@ def demo(args):
         except ImportError:
             use_transformers = False
     path = args.audio or bundled_clip_path()
-    clip, _ = read_audio(path, downmix=True, resample=True)
+    try:
+        clip, _ = read_audio(path, downmix=True, resample=True)
+    except AudioError as error:
+        raise CommandError(f"--audio {error}") from None
+    if len(clip) < 560:  # FbankExtractor needs two 25 ms frames to normalise
+        raise CommandError(f"--audio {path}: {len(clip)} samples at 16 kHz is too short (at least 560, 35 ms)")
+    if float(abs(clip).max()) > MAX_ABS_SAMPLE:
+        raise CommandError(f"--audio {path}: samples reach {float(abs(clip).max()):.3g}, above {MAX_ABS_SAMPLE:.0e} "
+                           f"(the fp32 power spectrum would overflow); samples are expected in [-1, 1]")
     warmup = 1
 
     print(f"w2vbert_fast demo on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {str(dtype)[6:]}")
@@ -235,22 +244,24 @@ def build_parser():
     p = commands.add_parser("extract", help="audio files → one safetensors file of a layer's hidden states per clip",
                             description="Hidden states of one layer for every clip: OUT/<name>.safetensors with a "
                                         "tensor 'hidden_states' (frames, hidden) and metadata (layer, source, sample "
-                                        "rate). Clips already written are skipped, so a rerun resumes. Unreadable "
-                                        "files are reported by name at the end (exit status 1); the rest are "
-                                        "written.")
+                                        "rate, model identity, dtype). A rerun resumes: outputs that check out are "
+                                        "skipped, damaged or out-of-date ones redone, and ones computed with another "
+                                        "layer, model or dtype stop the run (see --overwrite). Unreadable files are "
+                                        "reported by name at the end (exit status 1); the rest are written.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders (searched recursively for "
                                                               ".wav, .flac, …)")
     p.add_argument("--list", metavar="FILE", help="a text file of audio paths, one per line")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_model_options(p)
-    p.add_argument("--layer", type=int, default=17,
+    p.add_argument("--layer", type=int, default=None,
                    help="which hidden state: 0 = after the feature projection, N = output of layer N (default 17, "
-                        "what TTS systems use with w2v-bert-2.0)")
+                        "what TTS systems use with w2v-bert-2.0; the last layer of a model with fewer)")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio per batch, in seconds (default: 300 on CUDA, 60 on CPU)")
     p.add_argument("--resample", action="store_true", help="resample clips that are not 16 kHz (else an error)")
     p.add_argument("--downmix", action="store_true", help="average multi-channel clips to mono (else an error)")
-    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite outputs that already exist, even ones computed with another layer, model or dtype")
     add_runtime_options(p)
     p.set_defaults(handler=run_extract)
 

@@ -3,14 +3,18 @@
 ``read_audio(path) -> (float32 mono samples in [-1, 1], sample rate)``; ``audio_info(path)`` reads only the header.
 WAV (PCM 8/16/24/32-bit, IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE) is parsed here, so no extra
 package is needed; FLAC, OGG and the rest go through ``soundfile`` when it is installed, else a clear error says to
-install it. Every failure is an :class:`AudioError` whose message starts with the file's path.
+install it. Every failure is an :class:`AudioError` whose message starts with the file's path: decoding errors and
+operating-system faults alike (no permission, a file removed or truncated while read, a FIFO, a folder), so a caller
+going through many files can name the bad one and go on.
 
 Multi-channel audio is an error unless ``downmix=True`` (the mean of the channels); a sample rate other than the
 one asked for is an error unless ``resample=True`` (a windowed-sinc resampler in torch, :func:`resample`).
 """
 
+import contextlib
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -102,6 +106,8 @@ def _read_wav(path):
     with open(path, "rb") as f:
         f.seek(layout.data_offset)
         raw = f.read(count * bits // 8)
+    if len(raw) < count * bits // 8:  # the file shrank since its header was read
+        raise AudioError(f"{path}: truncated while being read ({len(raw)} of {count * bits // 8} data bytes)")
     if layout.format == _FLOAT:
         data = np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
     elif bits == 8:
@@ -127,18 +133,51 @@ def _soundfile(path):
     return soundfile
 
 
+def _check_regular_file(path):
+    """AudioError unless ``path`` is a regular file: a FIFO or device would block or never end when read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file") from None
+    except OSError as error:
+        raise AudioError(f"{path}: cannot read: {error.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise AudioError(f"{path}: is a folder, not an audio file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise AudioError(f"{path}: is {kind}, not a regular file")
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """OS and decoding faults while reading ``path`` (permission, a file that vanished or shrank, a short read)
+    as AudioError naming it, so that a caller handling many files can list it and go on."""
+    try:
+        yield
+    except AudioError:
+        raise
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file (removed while being read?)") from None
+    except PermissionError:
+        raise AudioError(f"{path}: cannot read: permission denied") from None
+    except OSError as error:
+        raise AudioError(f"{path}: cannot read: {error.strerror or error}") from None
+    except (ValueError, struct.error) as error:
+        raise AudioError(f"{path}: cannot decode: {error}") from None
+
+
 def audio_info(path) -> AudioInfo:
     """Sample rate, length and channel count, from the header only."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
-    if path.lower().endswith(WAV_EXTENSIONS):
-        return _wav_layout(path).info
-    soundfile = _soundfile(path)
-    try:
-        info = soundfile.info(path)
-    except Exception as error:
-        raise AudioError(f"{path}: cannot read audio: {error}") from None
+    _check_regular_file(path)
+    with _reading(path):
+        if path.lower().endswith(WAV_EXTENSIONS):
+            return _wav_layout(path).info
+        soundfile = _soundfile(path)
+        try:
+            info = soundfile.info(path)
+        except Exception as error:
+            raise AudioError(f"{path}: cannot read audio: {error}") from None
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
 
 
@@ -149,16 +188,16 @@ def read_audio(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
     rate without ``resample``, and non-finite samples. ``sample_rate=None`` keeps the file's rate.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
-    if path.lower().endswith(WAV_EXTENSIONS):
-        data, rate = _read_wav(path)
-    else:
-        soundfile = _soundfile(path)
-        try:
-            data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-        except Exception as error:
-            raise AudioError(f"{path}: cannot read audio: {error}") from None
+    _check_regular_file(path)
+    with _reading(path):
+        if path.lower().endswith(WAV_EXTENSIONS):
+            data, rate = _read_wav(path)
+        else:
+            soundfile = _soundfile(path)
+            try:
+                data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            except Exception as error:
+                raise AudioError(f"{path}: cannot read audio: {error}") from None
     if data.shape[1] > 1:
         if not downmix:
             raise AudioError(f"{path}: {data.shape[1]} channels; the encoder takes mono audio (pass --downmix to "

@@ -35,9 +35,17 @@ def default_device() -> str:
 
 
 def resolve_device_dtype(args):
-    device = torch.device(args.device or default_device())
+    try:
+        device = torch.device(args.device or default_device())
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {args.device}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {args.device}: this package runs on cpu or cuda (cuda:N), not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise CommandError(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, DTYPES[dtype_name]
 
@@ -59,7 +67,7 @@ def load_model(args, device, dtype):
     if args.model:
         try:
             model = Wav2Vec2BertModel.from_pretrained(args.model, dtype=dtype, device=device)
-        except (FileNotFoundError, ValueError) as error:
+        except (OSError, ValueError) as error:  # each names the file at fault and the fix
             raise CommandError(f"--model {args.model}: {error}") from None
         return model, f"{args.model}"
     model = random_model(args.random_weights, args.seed, device, dtype)
@@ -70,5 +78,8 @@ def feature_extractor(model_folder=None):
     from . import FbankExtractor
 
     if model_folder and os.path.isfile(os.path.join(model_folder, "preprocessor_config.json")):
-        return FbankExtractor.from_pretrained(model_folder)
+        try:
+            return FbankExtractor.from_pretrained(model_folder)
+        except (OSError, ValueError, TypeError) as error:
+            raise CommandError(f"--model {model_folder}: {error}") from None
     return FbankExtractor()

@@ -4,8 +4,9 @@ The numbers come from ``ops.log_mel_fbank`` (the Triton kernel on CUDA tensors, 
 CPU); this file turns raw clips into one padded batch, checks them, and does the padding, stride-2 stacking and
 attention mask exactly as transformers does.
 
-Deliberate difference: a clip of 400–559 samples has one frame, whose per-bin variance is undefined — transformers
-returns NaN features for it; we raise a ValueError naming the clip. So does any clip shorter than one frame.
+Deliberate differences: a clip of 400–559 samples has one frame, whose per-bin variance is undefined — transformers
+returns NaN features for it; we raise a ValueError naming the clip. So does any clip shorter than one frame, and any
+clip with a sample beyond ±MAX_ABS_SAMPLE (1e9), whose fp32 power spectrum could overflow into NaN features.
 """
 
 import json
@@ -19,6 +20,10 @@ from . import ops
 from .ops.log_mel_fbank import FRAME_LENGTH, HOP_LENGTH, NUM_MEL_BINS, SAMPLE_RATE, num_frames
 
 _PADDING_CHOICES = (True, False, "longest", "do_not_pad")
+# The largest |sample| accepted. The power of one frame is at most 512·400·(2·1.97·32768·A)² ≈ 3.4e15·A²
+# (Parseval; ×32768 scaling, DC removal and pre-emphasis at most ×3.94), which must stay below fp32's 3.4e38:
+# A = 1e9 leaves five orders of magnitude, and still admits int16-range samples passed as floats.
+MAX_ABS_SAMPLE = 1e9
 
 
 class FbankExtractor:
@@ -52,8 +57,14 @@ class FbankExtractor:
         path = os.path.join(os.fspath(folder), "preprocessor_config.json")
         if not os.path.isfile(path):
             raise ValueError(f"no preprocessor_config.json in {os.fspath(folder)!r}")
-        with open(path) as f:
-            values = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is not valid JSON ({error}): fix it, or delete it to use w2v-bert-2.0's "
+                                 "feature settings") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
         known = ("feature_size", "sampling_rate", "num_mel_bins", "padding_value", "stride")
         return cls(**{k: v for k, v in values.items() if k in known},
                    **{k: v for k, v in values.items() if k not in known})
@@ -191,7 +202,13 @@ class FbankExtractor:
                 "per-bin variance is undefined (transformers returns NaN features); give at least 560 samples"
             )
         tensor = tensor.to(torch.float32)
-        # one fast reduction instead of isfinite + all: NaN and ±Inf survive a sum (isfinite settles an overflow)
-        if not math.isfinite(float(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        # one reduction for both checks: amax propagates NaN and keeps ±Inf
+        peak = float(tensor.abs().amax())
+        if not math.isfinite(peak):
             raise ValueError(f"clip {index} contains NaN or Inf samples")
+        if peak > MAX_ABS_SAMPLE:
+            raise ValueError(
+                f"clip {index} has a sample of magnitude {peak:.3g}, above {MAX_ABS_SAMPLE:.0e}: its fp32 power "
+                "spectrum would overflow to Inf and the features to NaN; samples are expected in [-1, 1]"
+            )
         return tensor

@@ -3,13 +3,17 @@
 No transformers import on this path. The model is built on the meta device and the checkpoint's tensors are
 assigned straight into it (cast to ``dtype``, moved to ``device``), so a 600M-parameter model loads without a
 random initialisation it would throw away.
+
+Faults are ValueErrors that name the file and the fix, found as early as possible: a damaged safetensors file and a
+config.json whose sizes disagree with the weights from the headers alone, before any tensor data is read; NaN or
+Inf weights as each tensor is read.
 """
 
 import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import Wav2Vec2BertConfig
 
@@ -24,7 +28,11 @@ def checkpoint_files(folder) -> list:
         return [single]
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                weight_map = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{index} is not valid JSON ({error}): download or save it again") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index!r} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -40,15 +48,64 @@ def checkpoint_files(folder) -> list:
     raise FileNotFoundError(f"no weights in {folder!r}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def read_state_dict(files, dtype=None, device=None) -> dict:
+def _open(path):
+    """safe_open, with a damaged file (empty, truncated, not safetensors) as a ValueError naming it and the fix."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as error:
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} ({size} bytes) is not a complete safetensors file ({error}): it is empty, "
+                         f"truncated or not safetensors; download or save it again") from None
+
+
+def read_headers(files) -> dict:
+    """{tensor name: (file, shape)} from the files' headers only, no tensor data read."""
+    headers = {}
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                headers[name] = (path, tuple(f.get_slice(name).get_shape()))
+    return headers
+
+
+def check_shapes(model, headers: dict, folder):
+    """Every checkpoint tensor's shape against the one ``model`` (built from config.json) expects, before any
+    data is read: a config that disagrees with its weights is one ValueError naming the tensors and the fix."""
+    expected = model.state_dict()
+    wrong = [(name, path, shape, tuple(expected[name].shape)) for name, (path, shape) in headers.items()
+             if tuple(expected[name].shape) != shape]
+    if wrong:
+        name, path, shape, want = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise ValueError(
+            f"{os.path.join(folder, 'config.json')} does not match the weights: {name} is {list(shape)} in "
+            f"{os.path.basename(path)} but the config gives {list(want)}{more}; use the config.json saved with these "
+            f"weights"
+        )
+
+
+def read_state_dict(files, dtype=None, device=None, names=None) -> dict:
+    """The tensors of ``files`` (``names``: {checkpoint name: model name}, default all under their own names),
+    cast to ``dtype`` and moved to ``device``. A NaN or Inf value (stored, or made by the cast) is a ValueError
+    naming the tensor: it would turn every output into NaN without a word."""
     state = {}
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open(path) as f:
             for name in f.keys():
+                if names is not None and name not in names:
+                    continue
                 tensor = f.get_tensor(name)
+                stored = tensor.dtype
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(f"{path}: tensor {name} holds {bad} NaN or Inf values of {tensor.numel()}: the "
+                                     f"checkpoint is damaged; download or save it again")
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                state[name] = tensor.to(device) if device is not None else tensor
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"{path}: tensor {name} overflows {str(dtype)[6:]} (stored as "
+                                         f"{str(stored)[6:]}); load it in a wider dtype (bfloat16 or float32)")
+                state[name if names is None else names[name]] = tensor.to(device) if device is not None else tensor
     return state
 
 
@@ -92,7 +149,11 @@ def load_pretrained(cls, folder, dtype=None, device=None):
     files = checkpoint_files(folder)
     with torch.device("meta"):
         model = cls(config)
-    state = match_keys(model, read_state_dict(files, dtype, device))
+    # names and shapes from the headers first: a mismatch is found before gigabytes are read
+    headers = match_keys(model, {name: (name, header) for name, header in read_headers(files).items()})
+    check_shapes(model, {model_name: header for model_name, (_, header) in headers.items()}, folder)
+    names = {checkpoint_name: model_name for model_name, (checkpoint_name, _) in headers.items()}
+    state = read_state_dict(files, dtype, device, names)
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_buffers(device)
     return model.eval()
