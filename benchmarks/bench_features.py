@@ -56,6 +56,21 @@ def ours(device):
     return lambda clips: fe(clips, sampling_rate=RATE, device=device)
 
 
+def ours_one_thread():
+    """Our CPU path with torch limited to one thread (restored after each call): the thread-count measurement."""
+    fe = w2vbert_fast.FbankExtractor()
+
+    def run(clips):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fe(clips, sampling_rate=RATE, device="cpu")
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def torch_stft_extractor():
     """The obvious GPU code: pad the batch, torch.stft in fp32 with the povey window, the same post-processing."""
     window = torch.zeros(512, device=DEVICE)
@@ -86,6 +101,7 @@ def torch_stft_extractor():
 CONTENDERS = {
     "transformers SeamlessM4TFeatureExtractor (CPU)": (transformers_extractor, {"role": "reference"}),
     "ours, PyTorch path (CPU)": (lambda: ours("cpu"), {}),
+    "ours, PyTorch path (CPU), 1 thread": (ours_one_thread, {}),
     "ours, Triton (GPU)": (lambda: ours(DEVICE), {}),
     "torch.stft fp32 (GPU)": (torch_stft_extractor, {}),
 }

@@ -56,23 +56,26 @@ def test_long_audio(measure, duration, contender):
 
 
 # ------------------------------------------------------------------------------------------- CPU claims
-# (layers, seconds, contender, repeats): the short cases take the median of 3, the long ones are timed once
+# (layers, seconds, contender, repeats, threads): the short cases take the median of 3, the long ones are timed
+# once; threads None is torch's default (every core), 1 measures the single-thread alternative
 CPU_CASES = [
-    (2, 30, "transformers sdpa", 3), (2, 30, "ours", 3),
-    (2, 60, "transformers sdpa", 1), (2, 60, "ours", 1),
-    (2, 120, "transformers sdpa", 1), (2, 120, "ours", 1),
-    (24, 600, "ours", 1),
+    (2, 30, "transformers sdpa", 3, None), (2, 30, "ours", 3, None), (2, 30, "ours", 3, 1),
+    (2, 60, "transformers sdpa", 1, None), (2, 60, "ours", 1, None),
+    (2, 120, "transformers sdpa", 1, None), (2, 120, "ours", 1, None),
+    (24, 600, "ours", 1, None),
 ]
 
 
 def cpu_case_id(case):
-    layers, seconds, contender, _ = case
-    return f"{layers}layers-{seconds}s-{contender.replace(' ', '-')}"
+    layers, seconds, contender, _, threads = case
+    return f"{layers}layers-{seconds}s-{contender.replace(' ', '-')}" + (f"-{threads}thread" if threads else "")
 
 
-def run_case_process(layers, seconds, contender, repeats):
+def run_case_process(layers, seconds, contender, repeats, threads):
     command = [sys.executable, os.path.join(HERE, "cpu_long_audio_case.py"), "--contender", contender,
                "--seconds", str(seconds), "--layers", str(layers), "--repeats", str(repeats)]
+    if threads:
+        command += ["--threads", str(threads)]
     env = dict(os.environ, W2VBERT_FAST_BACKEND="auto")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
@@ -83,15 +86,16 @@ def run_case_process(layers, seconds, contender, repeats):
 @pytest.mark.skipif(not CPU_CLAIMS, reason="full-size CPU cases: set W2VBERT_FAST_CPU_LONG_AUDIO=1 (~25 min)")
 @pytest.mark.parametrize("case", CPU_CASES, ids=cpu_case_id)
 def test_cpu_long_audio(benchmark, case):
-    layers, seconds, contender, repeats = case
-    result = run_case_process(layers, seconds, contender, repeats)
+    layers, seconds, contender, repeats, threads = case
+    result = run_case_process(layers, seconds, contender, repeats, threads)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the time is the child's, recorded below
     label = f"{seconds // 60} min" if seconds >= 60 and seconds % 60 == 0 and seconds > 120 else f"{seconds} s"
     info = benchmark.extra_info
     info.update(environment())
     flops = encoder_flops(1, result["frames"], dict(_architecture(), num_hidden_layers=layers))
     info.update(
-        case=f"CPU long audio, {layers} layers, {label}", contender=contender,
+        case=f"CPU long audio, {layers} layers, {label}",
+        contender=contender + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""),
         median_ms=result["median_ms"], times_ms=result["times_ms"], peak_rss_bytes=result["peak_rss_bytes"],
         threads=result["threads"], load_average=result["load_average"], frames=result["frames"], layers=layers,
         audio_seconds=seconds, hours_audio_per_s=seconds / 3600 / (result["median_ms"] * 1e-3),
