@@ -2,7 +2,9 @@
 
     python benchmarks/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md
 
-Reads what ``benchmarks/conftest.py``'s ``measure`` fixture records in each result's ``extra_info``:
+Files written by ``benchmarks/compile_check.py`` (``compile-<triton version>.json``) become the "Compiled kernels"
+section and the static cost model (``compile_report.py``, ``cost_model.py``). For the rest, reads what
+``benchmarks/conftest.py``'s ``measure`` fixture records in each result's ``extra_info``:
 
 * ``device``, ``commit``, ``torch``, ``triton``, ``cuda``: where and what ran. A result with ``cuda`` unset (or a
   device named ``cpu …``) is a CPU smoke run.
@@ -27,6 +29,9 @@ import os
 import sys
 from collections import OrderedDict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compile_report  # noqa: E402
+
 NO_GPU_SENTENCE = (
     "No GPU results yet: every table below (if any) is a CPU run at tiny sizes in fp32, where \"ours\" runs the "
     "PyTorch reference of each GPU kernel; those tables show that the benchmarks run, not how fast the kernels are. "
@@ -39,6 +44,7 @@ OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
     ("hours_audio_per_s", "h audio / s", lambda v: f"{v:,.1f}" if v >= 10 else f"{v:.3g}"),
     ("mfu", "MFU", lambda v: f"{100 * v:.1f} %"),
     ("copy_fraction", "of copy BW", lambda v: f"{100 * v:.0f} %"),
+    ("peak_rss_bytes", "peak RSS (fresh process)", lambda v: fmt_bytes(v)),
 ]
 
 
@@ -51,9 +57,12 @@ def load(paths):
                 document = json.load(f)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}: not JSON ({error})")
+        if compile_report.is_compile_document(document):
+            documents.append((path, document))  # benchmarks/compile_check.py output: the "Compiled kernels" section
+            continue
         if not isinstance(document, dict) or "benchmarks" not in document:
             raise SystemExit(f"{path}: not pytest-benchmark output (no 'benchmarks' list; run pytest with "
-                             f"--benchmark-json=FILE)")
+                             f"--benchmark-json=FILE) nor benchmarks/compile_check.py output")
         documents.append((path, document))
     return documents
 
@@ -156,6 +165,8 @@ def case_table(rows) -> list:
 
 
 def render(documents) -> str:
+    compiled = [d for _, d in documents if compile_report.is_compile_document(d)]
+    documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)]
     tables = collect(documents)
     files = [os.path.basename(path) for path, _ in documents]
     rows = [row for cases in tables.values() for contenders in cases.values() for row in contenders.values()]
@@ -193,6 +204,7 @@ def render(documents) -> str:
             out.append("")
             out += case_table(contenders)
             out.append("")
+    out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 
 

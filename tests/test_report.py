@@ -107,3 +107,38 @@ def test_rejects_non_benchmark_json(tmp_path):
     with pytest.raises(SystemExit, match="not pytest-benchmark output"):
         report.load([str(path)])
     assert re.search(r"--benchmark-json", report.__doc__ + open(REPORT).read())
+
+
+def compile_record(kernel, target, dtype, registers, spill=0, failures=(), shape="w2v-bert-2.0"):
+    return dict(kernel=kernel, module="w2vbert_fast.ops.x", target=target, dtype=dtype, shape=shape,
+                config=dict(BLOCK_M=64, num_warps=4, num_stages=3), ok=True, registers=registers, stack_bytes=spill,
+                spill_stores=spill, spill_loads=spill, shared_bytes=48 * 1024, num_warps=4,
+                occupancy=dict(blocks_per_sm=3, warps_per_sm=12, limited_by=["registers"]),
+                sass=dict(instructions=900, tensor_core={"HGMMA.64x64x16.F32.BF16": 8}, fp64_arithmetic={},
+                          fp64_lines=[], local_memory_instructions=0,
+                          dots=[dict(line=120, source="scores = tl.dot(q, k)", mma=["HGMMA.64x64x16.F32.BF16"])]),
+                failures=list(failures), compile_s=3.0)
+
+
+def test_compile_section_and_cost_model(tmp_path):
+    """compile_check.py JSON next to benchmark JSON: a "Compiled kernels" table per kernel (registers · smem ·
+    warps per SM, spills in bold), the failures, and the static model labelled as a model."""
+    document = {"compile_check": dict(plan="full", commit="abc1234", triton="3.6.0", python="3.11"),
+                "records": [compile_record("_forward_kernel", "sm_90a", "bfloat16", 168),
+                            compile_record("_forward_kernel", "sm_80", "bfloat16", 255, spill=24,
+                                           failures=["spills 24 B stored, 24 B loaded per thread"]),
+                            compile_record("_forward_kernel", "sm_90a", "float16", 160, shape="odd")],
+                "failures": ["_forward_kernel sm_80 bfloat16 w2v-bert-2.0 (BLOCK_M=64): spills 24 B stored"]}
+    path = tmp_path / "compile-3.6.0.json"
+    path.write_text(json.dumps(document))
+    text = report.render(report.load([RECORDED, str(path)]))
+    assert "## Compiled kernels (ahead of time, no GPU)" in text and "**1 failing**" in text
+    rows = table_rows(text, "`_forward_kernel`")
+    row = rows["BLOCK_M=64; 4 w, 3 st"]
+    assert row["triton 3.6.0, sm_90a"] == "168 · 48 KB · 12"
+    assert row["triton 3.6.0, sm_80"] == "255 · 48 KB · 12 · **spill 24/24 B**"
+    assert "At the odd shape" in text and "1 compiles, all pass" in text
+    assert "tl.dot on tensor cores in every config at line 120" in text
+    assert "### Failures" in text and "spills 24 B stored" in text
+    assert "## Static cost model (model, not measurement)" in text
+    assert "| `_forward_kernel` (attention forward) | 73.7 G bf16 tensor core, 288 M ex2 |" in text

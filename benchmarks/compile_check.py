@@ -1,0 +1,619 @@
+"""Compile every Triton kernel of ``w2vbert_fast.ops`` ahead of time, with no GPU, for Hopper and Ampere, and check
+what only the compiler sees: compile errors, spills, shared memory; record registers, occupancy and the machine
+code's instruction mix.
+
+    python benchmarks/compile_check.py                       # the full plan → benchmarks/results/compile-<triton>.json
+    python benchmarks/compile_check.py --plan ci --out FILE  # the subset CI runs (see tests/test_kernel_compile.py)
+
+How: a stand-in driver whose current target is ``GPUTarget("cuda", 90 or 80, 32)`` is made active, and each kernel
+is compiled through its real launch path, ``JITFunction.warmup`` (the arguments' dtypes, integer specialisation and
+alignment as a launch would see them; pointers are ``MockTensor``s, 16-byte aligned like torch's allocations). ptxas
+runs for every compile (``knobs.compilation.always_compile``, an empty cache directory per run) and its ``-v`` report
+gives registers, spill stores/loads and the stack frame; the cubin's SASS (``nvdisasm --print-line-info``) gives the
+instruction mix per source line. One compile per task in a process pool.
+
+A check fails on: a compile error; any spill store or load in a config the autotuner may pick (or the one the
+launcher uses); shared memory over the target's per-block limit; a kernel in ``w2vbert_fast/ops`` missing from
+``KERNELS`` or whose arguments no longer match its entry. The machine-code expectations each entry declares (tensor
+cores on every ``tl.dot`` in half precision, no fp64 arithmetic, no local memory) fail it too. Never relax a check
+to make it pass: fix the kernel or drop the config.
+
+Updating after a kernel change: edit the kernel's entry in ``KERNELS`` (its example arguments, by name) — the
+configs come from the module's ``_autotune_configs(interpreted=False)`` or the autotuner itself.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# ------------------------------------------------------------------------------------------------- targets
+# Per SM: registers, warps, blocks, shared memory (bytes); per block: the most shared memory a kernel may ask for.
+# H100 (sm_90): 228 KB per SM, 227 KB per block; A100 (sm_80): 164 KB / 163 KB (CUDA C Programming Guide, "Compute
+# Capabilities"). The driver reserves 1 KB of shared memory per resident block on both.
+TARGETS = {
+    "sm_90a": dict(capability=90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
+    "sm_80": dict(capability=80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+}
+REGISTERS_PER_SM = 65536
+REGISTER_PARTITIONS = 4  # the register file is split between the SM's four warp schedulers
+REGISTER_ALLOCATION_UNIT = 256  # registers per warp are allocated in units of 256 (8 per thread)
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SMEM_RESERVED_PER_BLOCK = 1024
+
+# ------------------------------------------------------------------------------------------------- shapes
+# "w2v-bert-2.0": the model's own sizes (30 s of audio: 3000 fbank frames, 1500 encoder frames, batch 8).
+# "odd": nothing a power of two or a multiple of 16, to reach the masked and ragged paths' code generation.
+SHAPES = {
+    "w2v-bert-2.0": dict(batch=8, length=1500, heads=16, head_dim=64, left=64, right=8, kernel_size=31,
+                         samples=30 * 16000),
+    "odd": dict(batch=3, length=37, heads=3, head_dim=24, left=5, right=2, kernel_size=5, samples=16000 + 123),
+}
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How to launch one kernel for the check.
+
+    args(shape, dtype) → {argument name: example value}: a torch dtype for a pointer, a Python int/float/str/bool
+    for the rest (constexprs included), exactly what the launcher passes — except the autotuned meta-parameters.
+    configs: for a kernel without an autotuner, (module attribute naming its launch configs, a list of dicts of
+    meta-parameters + num_warps/num_stages); None for autotuned kernels.
+    dtypes: the input dtypes the kernel is launched with (a kernel whose launcher fixes them lists one).
+    expect: machine-code expectations, checked per compile: "mma_in_half" (every tl.dot line issues tensor-core
+    MMA when the inputs are fp16/bf16), "no_fp64" (no fp64 arithmetic anywhere), "no_local" (no local memory).
+    """
+
+    args: Callable[[dict, str], Dict[str, object]]
+    dtypes: Tuple[str, ...] = DTYPES
+    configs: Optional[str] = None
+    expect: Tuple[str, ...] = ("no_local",)
+
+
+def _attention_args(s, dtype, backward=None):
+    """backward: None (forward), "dkdv" or "dq"."""
+    import torch
+
+    t = getattr(torch, dtype)
+    num_distances = s["left"] + s["right"] + 1
+    row = s["heads"] * s["head_dim"]  # q, k, v, dO: (B, L, H, D) views of (B, L, H·D) projections
+    strides = (s["length"] * row, row, s["head_dim"])
+    table = (s["length"] * s["heads"] * num_distances, s["heads"] * num_distances, num_distances)  # (B, L, H, R)
+    args = dict(
+        q_ptr=t, k_ptr=t, v_ptr=t, table_ptr=torch.float32, lengths_ptr=torch.int32,
+        stride_qb=strides[0], stride_ql=strides[1], stride_qh=strides[2],
+        stride_kb=strides[0], stride_kl=strides[1], stride_kh=strides[2],
+        stride_vb=strides[0], stride_vl=strides[1], stride_vh=strides[2],
+        stride_tb=table[0], stride_tl=table[1], stride_th=table[2],
+        length=s["length"], heads=s["heads"], left=s["left"], right=s["right"], qk_scale=0.18,
+        LENGTH_BUCKET=_next_power_of_2(s["length"]),
+        HEAD_DIM=s["head_dim"], NUM_DISTANCES=num_distances, BLOCK_D=max(16, _next_power_of_2(s["head_dim"])),
+        HAS_LENGTHS=True, ZERO_PADDED_QUERIES=True, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+    )
+    if backward is None:
+        return dict(args, out_ptr=t, lse_ptr=torch.float32)
+    args.update(do_ptr=t, lse_ptr=torch.float32, delta_ptr=torch.float32,
+                stride_dob=strides[0], stride_dol=strides[1], stride_doh=strides[2])
+    if backward == "dkdv":
+        return dict(args, dk_ptr=t, dv_ptr=t, scale=0.125)
+    return dict(args, dq_ptr=torch.float32, d_table_ptr=torch.float32)
+
+
+def _conv_row_args(s, dtype, backward=False):
+    """The forward and the LayerNorm backward: persistent programs over BLOCK_T-row tiles of all C channels."""
+    import torch
+
+    t = getattr(torch, dtype)
+    channels = s["heads"] * s["head_dim"]
+    args = dict(
+        x_ptr=t, weight_ptr=t, ln_weight_ptr=t, ln_bias_ptr=t, lengths_ptr=torch.int32, mean_ptr=torch.float32,
+        rstd_ptr=torch.float32, scratch_ptr=torch.float32,
+        stride_xb=s["length"] * 2 * channels, stride_xt=2 * channels,
+        batch=s["batch"], length=s["length"], channels=channels, scratch_stride=4096 * 24,
+        KERNEL_SIZE=s["kernel_size"], HAS_LENGTHS=True, SYNC_SCRATCH=True,
+    )
+    if not backward:
+        return dict(args, out_ptr=t, stride_ob=s["length"] * channels, stride_ot=channels, eps=1e-5)
+    return dict(args, dout_ptr=t, dconv_ptr=torch.float32, dnorm_partial_ptr=torch.float32,
+                stride_db=s["length"] * channels, stride_dt=channels)
+
+
+def _conv_glu_backward_args(s, dtype):
+    import torch
+
+    t = getattr(torch, dtype)
+    channels = s["heads"] * s["head_dim"]
+    return dict(
+        x_ptr=t, weight_ptr=t, lengths_ptr=torch.int32, dconv_ptr=torch.float32, dx_ptr=t,
+        dweight_partial_ptr=torch.float32,
+        stride_xb=s["length"] * 2 * channels, stride_xt=2 * channels, stride_dxb=s["length"] * 2 * channels,
+        stride_dxt=2 * channels, length=s["length"], channels=channels, splits=4, rows_per_split=384,
+        KERNEL_SIZE=s["kernel_size"], HAS_LENGTHS=True, SYNC_PARTIALS=True,
+    )
+
+
+def _fbank_frames(s):
+    return 1 + (s["samples"] - 400) // 160
+
+
+def _frames_args(s, dtype):
+    import torch
+
+    frames = _fbank_frames(s)
+    return dict(
+        wave_ptr=torch.float32, lengths_ptr=torch.int32, window_ptr=torch.float64, frames_ptr=torch.float64,
+        stride_wb=s["samples"], stride_fb=frames * 512, stride_ff=512, max_frames=frames,
+        FRAME=400, HOP=160, FFT=512, SCALE=32768.0, PREEMPHASIS_COEF=0.97,
+    )
+
+
+def _log_mel_args(s, dtype):
+    import torch
+
+    frames = _fbank_frames(s)
+    return dict(
+        spectrum_ptr=torch.float64, lengths_ptr=torch.int32, mel_ptr=torch.float32, out_ptr=torch.float32,
+        stride_sb=frames * 257 * 2, stride_sf=257 * 2, stride_ob=frames * 80, stride_of=80, max_frames=frames,
+        FRAME=400, HOP=160, NUM_BINS=256, NUM_MEL=80, BLOCK_MEL=128, MEL_FLOOR_VALUE=1.192092955078125e-07,
+    )
+
+
+_HALF_MMA = ("mma_in_half", "no_fp64", "no_local")
+# "module:kernel" → Entry. The one place to update when a kernel's arguments change. Configs: the kernel's autotuner
+# (imported with TRITON_INTERPRET unset, so its GPU list), or ``configs`` for a kernel launched without one.
+KERNELS = {
+    "w2vbert_fast.ops.rel_key_attention:_forward_kernel": Entry(_attention_args, expect=_HALF_MMA),
+    "w2vbert_fast.ops.rel_key_attention:_backward_dkdv_kernel": Entry(
+        lambda s, d: _attention_args(s, d, "dkdv"), expect=_HALF_MMA),
+    "w2vbert_fast.ops.rel_key_attention:_backward_dq_kernel": Entry(
+        lambda s, d: _attention_args(s, d, "dq"), expect=_HALF_MMA),
+    "w2vbert_fast.ops.glu_depthwise_conv:_glu_depthwise_conv_kernel": Entry(
+        _conv_row_args, expect=("no_fp64", "no_local")),
+    "w2vbert_fast.ops.glu_depthwise_conv:_conv_norm_backward_kernel": Entry(
+        lambda s, d: _conv_row_args(s, d, backward=True), expect=("no_fp64", "no_local")),
+    "w2vbert_fast.ops.glu_depthwise_conv:_glu_conv_backward_kernel": Entry(
+        _conv_glu_backward_args, expect=("no_fp64", "no_local")),
+    # the fbank launcher always passes fp32 samples and fp64 frames/spectra: one dtype; fp64 framing is by design
+    "w2vbert_fast.ops.log_mel_fbank:_frames_kernel": Entry(
+        _frames_args, dtypes=("float32",), configs="FRAMES_LAUNCH", expect=("no_local",)),
+    "w2vbert_fast.ops.log_mel_fbank:_log_mel_kernel": Entry(
+        _log_mel_args, dtypes=("float32",), configs="LOG_MEL_LAUNCH", expect=("no_fp64", "no_local")),
+}
+
+
+def _next_power_of_2(n):
+    return 1 << (int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------- kernels and configs
+class RegistryError(Exception):
+    """The registry and the kernels disagree (a new kernel, a renamed or changed argument)."""
+
+
+def _ops_modules():
+    """Every module of w2vbert_fast.ops (new kernel files are found without editing this file)."""
+    import pkgutil
+
+    import w2vbert_fast.ops as ops
+
+    names = [f"w2vbert_fast.ops.{m.name}" for m in pkgutil.iter_modules(ops.__path__) if not m.name.startswith("__")]
+    return [importlib.import_module(name) for name in sorted(names)]
+
+
+def _jit_function(obj):
+    """The JITFunction behind an autotuner / heuristics wrapper, or None."""
+    from triton.runtime.jit import JITFunction
+
+    while obj is not None and not isinstance(obj, JITFunction):
+        obj = getattr(obj, "fn", None)
+    return obj
+
+
+def discover_kernels():
+    """{"module:function name": the object a launch calls (its autotuner, if any)} of every @triton.jit function of
+    w2vbert_fast.ops that no other one calls: the kernels, not their helpers."""
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for module in _ops_modules():
+        for obj in vars(module).values():
+            fn = _jit_function(obj)
+            if fn is None or fn.module != module.__name__:
+                continue
+            key = f"{module.__name__}:{fn.fn.__name__}"
+            if key not in found or isinstance(found[key], JITFunction):
+                found[key] = obj
+    sources = {key: _jit_function(obj).src for key, obj in found.items()}
+    return {key: obj for key, obj in found.items()
+            if not any(re.search(rf"\b{re.escape(key.split(':')[1])}\s*\(", src)
+                       for other, src in sources.items() if other != key)}
+
+
+def configs_for(key, wrapper=None):
+    """[config dict: meta-parameters + num_warps/num_stages] the kernel may run with on a GPU."""
+    module_name, name = key.split(":")
+    module = importlib.import_module(module_name)
+    entry = KERNELS[key]
+    if entry.configs is not None:
+        return [dict(c) for c in getattr(module, entry.configs)]
+    wrapper = wrapper if wrapper is not None else discover_kernels()[key]
+    if not hasattr(wrapper, "configs"):
+        raise RegistryError(f"{key}: no autotuner and no 'configs' in its KERNELS entry")
+    out = []
+    for c in wrapper.configs:
+        d = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        if getattr(c, "num_ctas", 1) != 1:
+            d["num_ctas"] = c.num_ctas
+        if getattr(c, "maxnreg", None):
+            d["maxnreg"] = c.maxnreg
+        out.append(d)
+    return out
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def check_registry(kernels=None):
+    """{key: problem} between the registry and the kernels as they are now (key "" for a kernel with no entry)."""
+    problems = {}
+    found = discover_kernels()
+    selected = lambda key: not kernels or any(k in key for k in kernels)  # noqa: E731
+    for key in found:
+        if key not in KERNELS and selected(key):
+            problems[key] = f"{key}: a kernel with no entry in benchmarks/compile_check.py KERNELS (add one)"
+    for key, entry in KERNELS.items():
+        if not selected(key):
+            continue
+        if key not in found:
+            problems[key] = f"{key}: in KERNELS but no such kernel (renamed or removed? update KERNELS)"
+            continue
+        fn = _jit_function(found[key])
+        try:
+            configs = configs_for(key, found[key])
+        except RegistryError as error:
+            problems[key] = str(error)
+            continue
+        for config in configs:
+            meta = {k for k in config if k not in LAUNCH_OPTIONS}
+            given = set(entry.args(SHAPES["odd"], entry.dtypes[0])) | meta
+            missing, unknown = set(fn.arg_names) - given, given - set(fn.arg_names)
+            if missing or unknown:
+                problems[key] = (f"{key}: KERNELS entry out of date: missing {sorted(missing)}, unknown "
+                                 f"{sorted(unknown)} (the kernel takes {fn.arg_names})")
+                break
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ compile
+class _TargetDriver:
+    """The active driver for ahead-of-time compiles: a current target, no device behind it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return f"aot-{self.target.backend}-{self.target.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _tool(name):
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+TENSOR_CORE_OPS = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA", "BGMMA", "DMMA")
+FP64_ARITHMETIC = ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "DMMA")
+LOCAL_MEMORY = ("LDL", "STL")
+
+
+def parse_ptxas_log(log):
+    used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
+    if used is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas -v report:\n{log}")
+    smem = _PTXAS_SMEM.search(log)
+    return dict(registers=int(used.group(1)), stack_bytes=int(spill.group(1)), spill_stores=int(spill.group(2)),
+                spill_loads=int(spill.group(3)), static_smem=int(smem.group(1)) if smem else 0)
+
+
+def sass_by_line(cubin):
+    """[(source file, line, opcode)] of every SASS instruction (nvdisasm with line info)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([_tool("nvdisasm"), "--print-line-info", "-c", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    finally:
+        os.remove(f.name)
+    out, where = [], (None, None)
+    for line in text.splitlines():
+        marker = re.match(r'\s*//## File "([^"]+)", line (\d+)', line)
+        if marker:
+            where = (os.path.basename(marker.group(1)), int(marker.group(2)))
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_x]+)*)", line)
+        if ins:
+            out.append((where[0], where[1], ins.group(1)))
+    return out
+
+
+def _source_lines(fn):
+    """{(file basename, line number): text} of a JIT function and of the JIT helpers it calls (transitively)."""
+    import inspect
+
+    module = sys.modules[fn.module]
+    by_name = {f.fn.__name__: f for f in (_jit_function(o) for o in vars(module).values()) if f is not None}
+    todo, seen = [fn], {}
+    while todo:
+        f = todo.pop()
+        if f.fn.__name__ in seen:
+            continue
+        seen[f.fn.__name__] = f
+        todo += [h for name, h in by_name.items() if re.search(rf"\b{re.escape(name)}\s*\(", f.src)]
+    lines = {}
+    for f in seen.values():
+        source, start = inspect.getsourcelines(f.fn)
+        for offset, text in enumerate(source):
+            lines[(os.path.basename(inspect.getsourcefile(f.fn)), start + offset)] = text.strip()
+    return lines
+
+
+def instruction_facts(fn, cubin, dtype):
+    sass = sass_by_line(cubin)
+    source = _source_lines(fn)
+    base = lambda op: op.split(".")[0]  # noqa: E731
+    mma = {}
+    fp64 = {}
+    local = 0
+    per_line_mma = {}
+    fp64_lines = set()
+    for file, line, op in sass:
+        if base(op) in TENSOR_CORE_OPS:
+            mma[op] = mma.get(op, 0) + 1
+            per_line_mma.setdefault((file, line), set()).add(op)
+        if base(op) in FP64_ARITHMETIC:
+            fp64[base(op)] = fp64.get(base(op), 0) + 1
+            if (file, line) in source:
+                fp64_lines.add(f"{line}: {source[(file, line)]}")
+        if base(op) in LOCAL_MEMORY:
+            local += 1
+    dots = []
+    for (file, line), text in sorted(source.items()):
+        if "tl.dot(" in text:
+            dots.append(dict(line=line, source=text, mma=sorted(per_line_mma.get((file, line), ()))))
+    return dict(instructions=len(sass), tensor_core=mma, fp64_arithmetic=fp64, fp64_lines=sorted(fp64_lines),
+                local_memory_instructions=local, dots=dots)
+
+
+def occupancy(registers, smem_bytes, num_warps, target):
+    """Resident blocks and warps per SM the registers, shared memory and warps allow, and what limits it."""
+    spec = TARGETS[target]
+    regs_per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    warps_by_regs = REGISTER_PARTITIONS * ((REGISTERS_PER_SM // REGISTER_PARTITIONS) // regs_per_warp)
+    limits = {
+        "registers": warps_by_regs // num_warps,
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "shared memory": spec["smem_per_sm"] // (smem_bytes + SMEM_RESERVED_PER_BLOCK),
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
+    blocks = min(limits.values())
+    limited_by = [name for name, value in limits.items() if value == blocks]
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps, limited_by=limited_by)
+
+
+def _compile_one(task):
+    """Worker: compile one (kernel, target, dtype, shape, config); never raises."""
+    key, target, dtype, shape, config = task
+    record = dict(kernel=key.split(":")[1], module=key.split(":")[0], target=target, dtype=dtype, shape=shape,
+                  config=config)
+    started = time.perf_counter()
+    try:
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.driver import driver
+
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[target]["capability"], 32)))
+        module_name, name = key.split(":")
+        fn = _jit_function(getattr(importlib.import_module(module_name), name))
+        args = KERNELS[key].args(SHAPES[shape], dtype)
+        args.update(config)
+        ordered = [args.pop(n) for n in fn.arg_names]
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = fn.warmup(*ordered, grid=(1,), **args)
+        if hasattr(compiled, "result"):
+            compiled = compiled.result()
+        ptxas = parse_ptxas_log(log.getvalue())
+        smem = int(compiled.metadata.shared) + ptxas.pop("static_smem")
+        record.update(ok=True, **ptxas, shared_bytes=smem, num_warps=int(compiled.metadata.num_warps),
+                      occupancy=occupancy(ptxas["registers"], smem, int(compiled.metadata.num_warps), target),
+                      sass=instruction_facts(fn, compiled.asm["cubin"], dtype))
+    except Exception as error:  # a compile error is a result, not a crash of the check
+        record.update(ok=False, error=f"{type(error).__name__}: {str(error).strip()[-2000:]}")
+    record["compile_s"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+def failures(record):
+    """Why a record fails the check ([] if it passes)."""
+    if not record["ok"]:
+        return [f"compile error: {record['error'].splitlines()[0][:300]}"]
+    out = []
+    if record["spill_stores"] or record["spill_loads"]:
+        out.append(f"spills {record['spill_stores']} B stored, {record['spill_loads']} B loaded per thread")
+    limit = TARGETS[record["target"]]["smem_per_block"]
+    if record["shared_bytes"] > limit:
+        out.append(f"shared memory {record['shared_bytes']} B > {limit} B per block on {record['target']}")
+    expect = KERNELS.get(f"{record['module']}:{record['kernel']}", Entry(None)).expect
+    sass = record["sass"]
+    if "mma_in_half" in expect and record["dtype"] in ("bfloat16", "float16"):
+        missing = [d["line"] for d in sass["dots"] if not d["mma"]]
+        if missing:
+            out.append(f"tl.dot without tensor-core MMA at lines {missing}")
+    if "no_fp64" in expect and sass["fp64_arithmetic"]:
+        out.append(f"fp64 arithmetic {sass['fp64_arithmetic']} at {sass['fp64_lines']}")
+    if "no_local" in expect and sass["local_memory_instructions"]:
+        out.append(f"{sass['local_memory_instructions']} local-memory instructions (LDL/STL)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- plans
+def plan(name, kernels=None, skip=()):
+    """[(kernel, target, dtype, shape, config)].
+
+    full: every kernel × config × dtype × target × shape.
+    ci (what CI runs per triton version on 2 cores; the reasons are in tests/test_kernel_compile.py): every config
+    in the serving dtype (bf16, or the kernel's one dtype) on sm_90a at the model's shapes; the first config in
+    fp32 there; the first config in the serving dtype on sm_80; the first config in fp16 at the odd shape on sm_90a.
+    """
+    out = []
+    for key, entry in KERNELS.items():
+        if (kernels and not any(k in key for k in kernels)) or key in skip:
+            continue
+        serving = "bfloat16" if "bfloat16" in entry.dtypes else entry.dtypes[0]
+        for index, config in enumerate(configs_for(key)):
+            for target in TARGETS:
+                for shape in SHAPES:
+                    for dtype in entry.dtypes:
+                        if name == "ci" and not _in_ci(index, target, shape, dtype, serving, entry.dtypes):
+                            continue
+                        out.append((key, target, dtype, shape, config))
+    return out
+
+
+def _in_ci(index, target, shape, dtype, serving, dtypes):
+    if target == "sm_90a" and shape == "w2v-bert-2.0":
+        return dtype == serving or (index == 0 and dtype == "float32")
+    if index != 0:
+        return False
+    if target == "sm_80" and shape == "w2v-bert-2.0":
+        return dtype == serving
+    if target == "sm_90a" and shape == "odd":
+        return dtype == ("float16" if "float16" in dtypes else serving)
+    return False
+
+
+def run(tasks, jobs):
+    """Compile every task in a pool of ``jobs`` processes, nothing cached across runs; records in task order."""
+    cache = tempfile.mkdtemp(prefix="compile-check-cache-")
+    env = {"TRITON_CACHE_DIR": cache, "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            return list(pool.map(_compile_one, tasks))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def versions():
+    import triton
+
+    return dict(triton=triton.__version__, python=sys.version.split()[0])
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def check(plan_name="full", jobs=None, kernels=None):
+    """The whole check: {"compile_check": ..., "records": [...], "failures": [...]}."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("the compile check needs the real compiler: unset TRITON_INTERPRET")
+    started = time.perf_counter()
+    problems = check_registry(kernels)
+    tasks = plan(plan_name, kernels, skip=problems)
+    records = run(tasks, jobs or os.cpu_count() or 1) if tasks else []
+    failed = list(problems.values())
+    for record in records:
+        record["failures"] = failures(record)
+        for why in record["failures"]:
+            failed.append(f"{record['kernel']} {record['target']} {record['dtype']} {record['shape']} "
+                          f"{_config_label(record['config'])}: {why}")
+    return {
+        "compile_check": dict(plan=plan_name, commit=_commit(), **versions(), shapes=SHAPES, targets=TARGETS,
+                              wall_s=round(time.perf_counter() - started, 1)),
+        "records": records,
+        "failures": failed,
+    }
+
+
+def _config_label(config):
+    meta = ", ".join(f"{k}={v}" for k, v in config.items() if k not in LAUNCH_OPTIONS)
+    return f"({meta}; {config.get('num_warps')} warps, {config.get('num_stages', '-')} stages)"
+
+
+def summary(result):
+    lines = []
+    for r in result["records"]:
+        head = f"{r['kernel'][:28]:28} {r['target']:7} {r['dtype']:8} {r['shape']:12} {_config_label(r['config'])}"
+        if r["ok"]:
+            occ = r["occupancy"]
+            lines.append(f"{head}: {r['registers']} regs, spill {r['spill_stores']}/{r['spill_loads']} B, smem "
+                         f"{r['shared_bytes'] / 1024:.1f} KB, {occ['warps_per_sm']} warps/SM  [{r['compile_s']} s]")
+        else:
+            lines.append(f"{head}: COMPILE ERROR")
+    lines.append(f"{len(result['records'])} compiles, {len(result['failures'])} failures, "
+                 f"{result['compile_check']['wall_s']} s")
+    lines += [f"FAIL {f}" for f in result["failures"]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", choices=("full", "ci"), default="full")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--kernels", nargs="*", help="only kernels whose 'module:name' contains one of these")
+    parser.add_argument("--out", help="JSON output (default: benchmarks/results/compile-<triton version>.json)")
+    args = parser.parse_args(argv)
+    result = check(args.plan, args.jobs, args.kernels)
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"compile-{result['compile_check']['triton']}.json")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(summary(result))
+    print(f"wrote {out}")
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
