@@ -444,6 +444,7 @@ def _compile_one(task):
         driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[target]["capability"], 32)))
         module_name, name = key.split(":")
         fn = _jit_function(getattr(importlib.import_module(module_name), name))
+        fn.device_caches.clear()  # this worker may have compiled the same specialisation already: ptxas must run
         args = KERNELS[key].args(SHAPES[shape], dtype)
         args.update(config)
         ordered = [args.pop(n) for n in fn.arg_names]
