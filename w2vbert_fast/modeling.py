@@ -8,10 +8,12 @@ and calls helpers as module-level functions, so ``optimize()`` can bind it to a 
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import ops
@@ -385,7 +387,13 @@ def apply_rotary_embedding(hidden_states, relative_position_embeddings, heads, h
 
 
 class Wav2Vec2BertEncoderLayer(nn.Module):
-    """Conformer block: half FFN → self-attention → convolution module → half FFN → LayerNorm."""
+    """Conformer block: half FFN → self-attention → convolution module → half FFN → LayerNorm.
+
+    Gradient checkpointing follows transformers' protocol, so ``gradient_checkpointing_enable()`` of either model
+    drives it: ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` set on the instance.
+    """
+
+    gradient_checkpointing = False
 
     def __init__(self, config):
         super().__init__()
@@ -401,15 +409,25 @@ class Wav2Vec2BertEncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, padding: Optional[Padding] = None, relative_position_embeddings=None):
-        residual = hidden_states
-        hidden_states = self.ffn1(self.ffn1_layer_norm(hidden_states)) * 0.5 + residual
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), padding, relative_position_embeddings)
-        hidden_states = self.self_attn_dropout(hidden_states) + residual
-        hidden_states = hidden_states + self.conv_module(hidden_states, padding)
-        residual = hidden_states
-        hidden_states = self.ffn2(self.ffn2_layer_norm(hidden_states)) * 0.5 + residual
-        return self.final_layer_norm(hidden_states)
+        # Checkpointed here, inside forward, as transformers 5.2x does (its wrapper on the class's forward never
+        # runs once optimize() binds this one to the instance): module hooks stay outside the recompute.
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(partial(conformer_block, self), hidden_states, padding,
+                                                     relative_position_embeddings)
+        return conformer_block(self, hidden_states, padding, relative_position_embeddings)
+
+
+def conformer_block(layer, hidden_states, padding, relative_position_embeddings):
+    """The encoder layer's computation (``layer``: ours or transformers' Wav2Vec2BertEncoderLayer)."""
+    residual = hidden_states
+    hidden_states = layer.ffn1(layer.ffn1_layer_norm(hidden_states)) * 0.5 + residual
+    residual = hidden_states
+    hidden_states, _ = layer.self_attn(layer.self_attn_layer_norm(hidden_states), padding, relative_position_embeddings)
+    hidden_states = layer.self_attn_dropout(hidden_states) + residual
+    hidden_states = hidden_states + layer.conv_module(hidden_states, padding)
+    residual = hidden_states
+    hidden_states = layer.ffn2(layer.ffn2_layer_norm(hidden_states)) * 0.5 + residual
+    return layer.final_layer_norm(hidden_states)
 
 
 class Wav2Vec2BertEncoder(nn.Module):
@@ -434,12 +452,19 @@ class Wav2Vec2BertEncoder(nn.Module):
         positions = self.embed_positions(hidden_states) if self.embed_positions is not None else None
         all_hidden_states = []
         layerdrop = self.config.layerdrop if self.training else 0.0
+        # transformers before its GradientCheckpointingLayer (< 4.52) keeps the checkpointing flag on the encoder
+        checkpoint_here = getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if layerdrop > 0.0 and torch.rand([]) < layerdrop:
                 continue
-            hidden_states = layer(hidden_states, padding, positions)
+            if checkpoint_here and not hasattr(layer, "gradient_checkpointing"):
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, padding, positions)
+            else:
+                # nn.Module.__call__, not the layer's own: transformers 5.0-5.1x checkpoints in
+                # GradientCheckpointingLayer.__call__, and our forward checkpoints already (twice = two recomputes)
+                hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         return EncoderOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None)
@@ -527,6 +552,37 @@ class _PreTrained(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_buffers"):
                 module.reset_buffers(device)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1):
+        """Recompute encoder layers in the backward pass instead of keeping their activations, as transformers'
+        method of the same name does: ``torch.utils.checkpoint.checkpoint`` with ``gradient_checkpointing_kwargs``
+        (default ``{"use_reentrant": False}``) around every ``every_n_layers``-th layer, in training mode only."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        checkpoint = partial(torch.utils.checkpoint.checkpoint, **gradient_checkpointing_kwargs)
+        for index, layer in enumerate(self._encoder_layers()):
+            layer._gradient_checkpointing_func = checkpoint
+            layer.gradient_checkpointing = index % every_n_layers == 0
+
+    def gradient_checkpointing_disable(self):
+        for layer in self._encoder_layers():
+            layer.gradient_checkpointing = False
+
+    # transformers 5.2x's names for the same switches
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1):
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers)
+
+    def activation_checkpointing_disable(self):
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self._encoder_layers())
+
+    def _encoder_layers(self):
+        return [module for module in self.modules() if isinstance(module, Wav2Vec2BertEncoderLayer)]
 
 
 class Wav2Vec2BertModel(_PreTrained):
