@@ -45,6 +45,7 @@ OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
     ("mfu", "MFU", lambda v: f"{100 * v:.1f} %"),
     ("copy_fraction", "of copy BW", lambda v: f"{100 * v:.0f} %"),
     ("peak_rss_bytes", "peak RSS (fresh process)", lambda v: fmt_bytes(v)),
+    ("longest_clip_s", "longest clip", lambda v: f"{v / 60:.1f} min" if v >= 120 else f"{v:.0f} s"),
 ]
 
 
