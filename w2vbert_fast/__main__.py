@@ -262,6 +262,10 @@ def build_parser():
     p.add_argument("--downmix", action="store_true", help="average multi-channel clips to mono (else an error)")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite outputs that already exist, even ones computed with another layer, model or dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress line (clips, hours of audio, rate, ETA)")
+    p.add_argument("--rank-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for a silent rank (crashed, killed) before giving up "
+                        "with exit status 1 (default 300)")
     add_runtime_options(p)
     p.set_defaults(handler=run_extract)
 

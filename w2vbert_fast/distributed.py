@@ -17,8 +17,9 @@ single rank and every method leaves ``extract`` exactly as it is.
   The same counters are the ranks' heartbeats.
 * End: a rank that is done waits for the others while their heartbeats keep coming; one that exited early or fell
   silent for ``timeout`` seconds ends the wait (a crashed rank never hangs the rest), and then every rank exits
-  with status 1. When all are done, rank 0 writes ``OUT/manifest.json`` and every rank exits with status 1 if any
-  clip of the job failed or any rank was lost, else 0.
+  with status 1. When all are done, rank 0 writes ``OUT/manifest.json`` and exits with status 1 if any clip of the
+  job failed on any rank, else 0; the other ranks exit 0, so torchrun never stops rank 0 halfway through its exit
+  because another rank's non-zero status arrived first.
 """
 
 import atexit
@@ -41,15 +42,16 @@ MANIFEST = "manifest.json"
 
 
 def assign_by_length(paths, seconds, world_size):
-    """[[clip indices] per rank]: longest first onto the least-loaded rank, ties broken by path then rank, each
-    rank's list in input order. Deterministic: the same paths, lengths and world size give the same split."""
+    """[[clip indices] per rank]: longest first onto the least-loaded rank (ties: fewer clips, then the lower
+    rank; clips of equal length in path order), each rank's list in input order. Deterministic: the same paths,
+    lengths and world size give the same split."""
     order = sorted(range(len(paths)), key=lambda i: (-seconds[i], paths[i]))
-    loads = [(0.0, rank) for rank in range(world_size)]  # a heap: (seconds assigned, rank)
+    loads = [(0.0, 0, rank) for rank in range(world_size)]  # a heap: (seconds assigned, clips assigned, rank)
     shares = [[] for _ in range(world_size)]
     for i in order:
-        load, rank = heapq.heappop(loads)
+        load, count, rank = heapq.heappop(loads)
         shares[rank].append(i)
-        heapq.heappush(loads, (load + seconds[i], rank))
+        heapq.heappush(loads, (load + seconds[i], count + 1, rank))
     return [sorted(share) for share in shares]
 
 
@@ -210,8 +212,9 @@ class Ranks:
 
     # -------------------------------------------------------------------------------------------- end
     def finish(self, failures, out_dir):
-        """Exit status of the whole job: 1 if any clip failed on any rank or any rank was lost, else 0. Under
-        torchrun waits for every rank, then rank 0 writes OUT/manifest.json."""
+        """The exit status. One process: 1 if any clip failed, else 0. Under torchrun: waits for every rank, then
+        rank 0 writes OUT/manifest.json and returns 1 if any clip of the job failed (on any rank), the other ranks
+        0; if a rank was lost, every rank still running returns 1 (and no manifest is written)."""
         if not self.distributed:
             return 1 if failures else 0
         import torch.distributed as dist
@@ -223,8 +226,8 @@ class Ranks:
         lost = self.wait_for_all(log)
         self.stop.set()
         if lost:
-            print(f"extract: rank {self.rank}: rank(s) {', '.join(lost)}; their clips not written are not in a "
-                  f"manifest. Rerun the same command to finish them (written clips are skipped).", file=log, flush=True)
+            print(f"extract: rank {self.rank} stops waiting: rank {'; rank '.join(lost)}. No manifest written; rerun "
+                  f"the same command to finish the job (clips already written are skipped).", file=log, flush=True)
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - the group may be broken by the lost rank; exiting anyway
@@ -241,9 +244,10 @@ class Ranks:
         count = torch.tensor([len(failures)], dtype=torch.int64)
         dist.all_reduce(count)  # also the barrier: nobody exits (and torchrun stops nobody) before the manifest
         dist.destroy_process_group()
-        if self.rank == 0:
-            print(f"extract: {self.world_size} ranks done, {int(count)} clip(s) failed in all; manifest "
-                  f"{os.path.join(out_dir, MANIFEST)}", file=log, flush=True)
+        if self.rank != 0:
+            return 0  # rank 0 carries the job's status: torchrun then never stops it mid-exit for another's
+        print(f"extract: {self.world_size} ranks done, {int(count)} clip(s) failed in all; manifest "
+              f"{os.path.join(out_dir, MANIFEST)}", file=log, flush=True)
         return 1 if int(count) else 0
 
     def wait_for_all(self, log):
@@ -260,7 +264,7 @@ class Ranks:
                     last_beat[rank], last_change[rank] = beat, now
                 if record and record["state"] == "exited":
                     lost.append(f"{rank} exited before finishing")
-                elif now - last_change[rank] > self.timeout:
+                elif (not record or record["state"] == "running") and now - last_change[rank] > self.timeout:
                     lost.append(f"{rank} silent for {self.timeout:.0f} s (crashed? see --rank-timeout)")
             done = all(r["state"] == "done" for r in records.values()) and len(records) == self.world_size
             if self.display is not None and (done or not lost):

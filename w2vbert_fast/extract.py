@@ -22,6 +22,7 @@ import time
 import torch
 
 from .cli_common import SAMPLE_RATE, CommandError, feature_extractor, load_model, resolve_device_dtype
+from .distributed import Ranks
 from .outputs import check_output, save_hidden_states
 
 DEFAULT_LAYER = 17  # what TTS systems take from w2v-bert-2.0's 24 layers
@@ -118,12 +119,15 @@ def extract(args):
     from .features import MAX_ABS_SAMPLE
 
     device, dtype = resolve_device_dtype(args)
+    ranks = Ranks.from_env(device, args.rank_timeout)  # under torchrun: this process's share and GPU; else one rank
+    device = ranks.device
     if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):
         raise CommandError(f"--batch-seconds must be a positive number of seconds, got {args.batch_seconds}")
     check_output_folder(args.out)
     clips, failures = gather_inputs(args.inputs, args.list)
     if not clips and not failures:
         raise CommandError(f"no audio files in {' '.join(args.inputs)} (looked for .wav, .flac, …)")
+    clips, failures = ranks.split(clips, failures)
     extractor = feature_extractor(args.model)
     model, description = load_model(args, device, dtype)
     layers = model.config.num_hidden_layers
@@ -195,6 +199,7 @@ def extract(args):
 
     start, done, audio_done = time.perf_counter(), 0, 0.0
     batches = plan_batches(todo, args.batch_seconds)
+    ranks.progress(len(batches), todo, quiet=args.quiet)
     for number, batch in enumerate(batches, 1):
         ready, waves = [], []
         for clip in batch:
@@ -228,10 +233,7 @@ def extract(args):
             ready = [clip for clip in ready if all(clip is not failed for failed, _ in bad)]
         done += len(ready)
         audio_done += sum(clip["seconds"] for clip in ready)
-        elapsed = time.perf_counter() - start
-        print(f"[batch {number}/{len(batches)}] {done}/{len(todo)} clips, {audio_done / 3600:.3f} h of audio in "
-              f"{elapsed:.1f} s ({audio_done / max(elapsed, 1e-9):.1f}x real time), {len(failures)} failed",
-              file=log, flush=True)
+        ranks.update(number, done, audio_done, len(failures))
 
     print(f"extract: {done} written, {skipped} skipped (already written), {len(failures)} failed -> {args.out}",
           file=log, flush=True)
@@ -239,5 +241,4 @@ def extract(args):
         print("failed (not written; fix or remove them and rerun: written clips are skipped):", file=log)
         for _, message in failures:
             print(f"  {message}", file=log)
-        return 1
-    return 0
+    return ranks.finish(failures, args.out)  # 1 if any clip of the job failed (on any rank), else 0
