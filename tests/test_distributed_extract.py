@@ -60,44 +60,57 @@ def peer_record(state, beat):
     return json.dumps(dict(state=state, beat=beat, snapshot={}))
 
 
-def test_a_rank_that_exited_early_ends_the_wait_at_once():
+def beating(ranks, store, peers):
+    """Make ``peers`` ({rank: state}) publish a new beat each time ``ranks`` looks, as their beat threads do."""
+    beats = iter(range(10 ** 6))
+    real_read_all = ranks.read_all
+
+    def read_all(watched=None):
+        for rank, state in peers.items():
+            store.set(f"rank{rank}", peer_record(state, next(beats)))
+        return real_read_all(watched)
+
+    ranks.read_all = read_all
+
+
+def test_a_rank_that_exited_early_ends_the_wait_at_once_and_rank_0_tells_the_others():
     store = FakeStore()
-    ranks = Ranks(torch.device("cpu"), rank=0, world_size=2, store=store, timeout=60.0)
+    ranks = Ranks(torch.device("cpu"), rank=0, world_size=3, store=store, timeout=60.0)
     ranks.state = "done"
-    ranks.publish()
-    store.set("rank1", peer_record("exited", 1))
+    beating(ranks, store, {0: "done", 1: "exited", 2: "running"})
     start = time.monotonic()
-    assert ranks.wait_for_all(sys.stderr) == ["1 exited before finishing"]
+    assert ranks.wait_for_all(sys.stderr) == ["rank 1 exited before finishing"]
     assert time.monotonic() - start < 5
+    assert json.loads(store.get("verdict")) == ["rank 1 exited before finishing"]
+    # rank 2 takes rank 0's verdict rather than judging rank 1 itself
+    other = Ranks(torch.device("cpu"), rank=2, world_size=3, store=store, timeout=60.0)
+    assert other.wait_for_all(sys.stderr) == ["rank 1 exited before finishing"]
 
 
 def test_a_silent_rank_ends_the_wait_after_the_timeout_and_a_beating_one_does_not():
     store = FakeStore()
-    ranks = Ranks(torch.device("cpu"), rank=1, world_size=3, store=store, timeout=2.5)
-    ranks.state = "done"
-    ranks.publish()
-    store.set("rank0", peer_record("running", 7))  # never beats again: a crashed rank
-    beats = iter(range(1000))
-    real_read_all = ranks.read_all
-
-    def read_all():  # rank 2 keeps beating while running, as its thread does
-        store.set("rank2", peer_record("running", next(beats)))
-        return real_read_all()
-
-    ranks.read_all = read_all
+    ranks = Ranks(torch.device("cpu"), rank=0, world_size=3, store=store, timeout=2.5)
+    store.set("rank1", peer_record("running", 7))  # never beats again: a crashed rank
+    beating(ranks, store, {0: "done", 2: "running"})
     start = time.monotonic()
-    lost = ranks.wait_for_all(sys.stderr)
-    assert lost == ["0 silent for 2 s (crashed? see --rank-timeout)"]
+    assert ranks.wait_for_all(sys.stderr) == ["rank 1 silent for 2.5 s (crashed? see --rank-timeout)"]
     assert 2.5 <= time.monotonic() - start < 10
+
+
+def test_the_others_stop_waiting_when_rank_0_falls_silent():
+    store = FakeStore()
+    store.set("rank0", peer_record("done", 1))  # killed while waiting: no verdict will come
+    ranks = Ranks(torch.device("cpu"), rank=1, world_size=2, store=store, timeout=1.5)
+    beating(ranks, store, {1: "done"})
+    assert ranks.wait_for_all(sys.stderr) == ["rank 0 silent for 1.5 s (crashed? see --rank-timeout)"]
 
 
 def test_the_wait_ends_with_nothing_lost_when_every_rank_is_done():
     store = FakeStore()
     ranks = Ranks(torch.device("cpu"), rank=0, world_size=2, store=store, timeout=60.0)
-    ranks.state = "done"
-    ranks.publish()
-    store.set("rank1", peer_record("done", 3))
+    beating(ranks, store, {0: "done", 1: "done"})
     assert ranks.wait_for_all(sys.stderr) == []
+    assert json.loads(store.get("verdict")) == []
 
 
 def test_one_process_is_one_rank_and_changes_nothing(monkeypatch):

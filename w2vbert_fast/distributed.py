@@ -125,7 +125,9 @@ class Ranks:
         # the same store prefix as init_process_group's own env:// path, so torch's keys and ours never meet
         dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank,
                                 world_size=world_size, timeout=wait)
-        ranks = cls(device, rank, world_size, local_rank, dist.PrefixStore("w2vbert_fast", store), timeout)
+        # keys per attempt: torchrun --max-restarts may hand a restarted job the store of the attempt before
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        ranks = cls(device, rank, world_size, local_rank, dist.PrefixStore(f"w2vbert_fast/{attempt}", store), timeout)
         ranks.publish()
         threading.Thread(target=ranks.beat, name="w2vbert_fast progress", daemon=True).start()
         atexit.register(ranks.exit_early)
@@ -179,10 +181,10 @@ class Ranks:
             record = dict(state=self.state, beat=time.monotonic_ns(), snapshot=self.snapshot.__dict__)
         self.store.set(f"rank{self.rank}", json.dumps(record))
 
-    def read_all(self):
-        """{rank: record} of the ranks that have published (never blocks on one that has not)."""
+    def read_all(self, ranks=None):
+        """{rank: record} of those ``ranks`` (default all) that have published; never blocks on one that has not."""
         records = {}
-        for rank in range(self.world_size):
+        for rank in range(self.world_size) if ranks is None else ranks:
             key = f"rank{rank}"
             if self.store.check([key]):
                 records[rank] = json.loads(self.store.get(key))
@@ -222,11 +224,14 @@ class Ranks:
         log = sys.stderr
         with self.display_lock:
             self.state = "done"
-        self.publish()
-        lost = self.wait_for_all(log)
+        try:
+            self.publish()
+            lost = self.wait_for_all(log)
+        except RuntimeError as error:  # torch.distributed.DistError: the process hosting the store is gone
+            lost = [f"the job's rendezvous store stopped answering ({str(error).splitlines()[0]})"]
         self.stop.set()
         if lost:
-            print(f"extract: rank {self.rank} stops waiting: rank {'; rank '.join(lost)}. No manifest written; rerun "
+            print(f"extract: rank {self.rank} stops waiting: {'; '.join(lost)}. No manifest written; rerun "
                   f"the same command to finish the job (clips already written are skipped).", file=log, flush=True)
             try:
                 dist.destroy_process_group()
@@ -251,28 +256,36 @@ class Ranks:
         return 1 if int(count) else 0
 
     def wait_for_all(self, log):
-        """[description of each lost rank]; empty once every rank is done. Rank 0 keeps the progress line going."""
-        last_beat, last_change = {}, dict.fromkeys(range(self.world_size), time.monotonic())
+        """[description of each lost rank]; empty once every rank is done. Rank 0 watches every rank, keeps the
+        progress line going and publishes its verdict; the others wait for that verdict and watch rank 0 alone.
+        So all ranks decide alike, and the store serves O(ranks) reads a beat rather than O(ranks²)."""
+        watched = list(range(self.world_size)) if self.rank == 0 else [0]
+        last_beat, last_change = {}, dict.fromkeys(watched, time.monotonic())
         while True:
-            records = self.read_all()
+            if self.rank != 0 and self.store.check(["verdict"]):
+                return json.loads(self.store.get("verdict"))
+            records = self.read_all(watched)
             now = time.monotonic()
             lost = []
-            for rank in range(self.world_size):
+            for rank in watched:
                 record = records.get(rank)
                 beat = record["beat"] if record else None
                 if beat != last_beat.get(rank):
                     last_beat[rank], last_change[rank] = beat, now
                 if record and record["state"] == "exited":
-                    lost.append(f"{rank} exited before finishing")
-                elif (not record or record["state"] == "running") and now - last_change[rank] > self.timeout:
-                    lost.append(f"{rank} silent for {self.timeout:.0f} s (crashed? see --rank-timeout)")
-            done = all(r["state"] == "done" for r in records.values()) and len(records) == self.world_size
-            if self.display is not None and (done or not lost):
-                with self.display_lock:
-                    self.display.show([progress.Snapshot(**r["snapshot"]) for r in records.values()], final=done)
-            if done:
-                return []
-            if lost:
+                    lost.append(f"rank {rank} exited before finishing")
+                elif now - last_change[rank] > self.timeout:  # done ranks beat too, until the verdict
+                    lost.append(f"rank {rank} silent for {self.timeout:g} s (crashed? see --rank-timeout)")
+            if self.rank == 0:
+                done = len(records) == self.world_size and all(r["state"] == "done" for r in records.values())
+                if self.display is not None and (done or not lost):
+                    with self.display_lock:
+                        self.display.show([progress.Snapshot(**r["snapshot"]) for r in records.values()],
+                                          final=done)
+                if done or lost:
+                    self.store.set("verdict", json.dumps(lost))
+                    return lost
+            elif lost:
                 return lost
             time.sleep(BEAT_SECONDS)
 
