@@ -8,6 +8,7 @@ from conftest import FP32_ATOL
 from model_helpers import DEVICE, max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
 import w2vbert_fast
+from w2vbert_fast.modeling import Padding
 
 LENGTHS = [23, 17, 5]  # ragged, not multiples of 8, one short sequence
 
@@ -70,17 +71,69 @@ def test_non_swish_activation_uses_the_unfused_conv_path_and_matches():
     compare(hf, our_model_like(hf))
 
 
-def test_mask_with_holes_falls_back_to_the_masked_reference():
-    hf = transformers_model()
-    ours = our_model_like(hf)
-    features, _ = ragged_batch([21, 21], hf.config.feature_projection_input_dim)
+def holed_batch(feature_dim):
+    features, _ = ragged_batch([21, 21], feature_dim)
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[0, 4:9] = 0  # a hole in the middle, then real frames again
+    return features, mask
+
+
+@pytest.mark.parametrize("validate", ["auto", "1"], ids=["default-on-cpu", "validate-flag"])
+def test_mask_with_holes_is_a_value_error_naming_the_row_when_values_are_checked(monkeypatch, validate):
+    # masks are read as right padding; the host check that tells holes apart runs where it costs no device sync
+    # (CPU tensors, by default) or when W2VBERT_FAST_VALIDATE=1 asks for it
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", validate)
+    hf = transformers_model()
+    features, mask = holed_batch(hf.config.feature_projection_input_dim)
+    with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[0\] are not right padding"):
+        our_model_like(hf)(features, attention_mask=mask)
+
+
+def test_unchecked_mask_with_holes_reads_as_right_padding_with_the_same_counts(monkeypatch):
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    hf = transformers_model()
+    ours = our_model_like(hf)
+    features, mask = holed_batch(hf.config.feature_projection_input_dim)
+    right_padded = (torch.arange(21)[None, :] < mask.sum(1, keepdim=True)).long()
     with torch.no_grad():
-        ref = hf(features, attention_mask=mask).last_hidden_state
         out = ours(features, attention_mask=mask).last_hidden_state
-    valid = mask.bool()
-    assert (out[valid] - ref[valid]).abs().max().item() <= FP32_ATOL
+        ref = hf(features, attention_mask=right_padded).last_hidden_state
+    assert max_diff_on_valid(out, ref, right_padded.sum(1).tolist()) <= FP32_ATOL
+
+
+def test_unknown_validate_mode_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "sometimes")
+    hf = transformers_model()
+    features, mask = ragged_batch(LENGTHS, hf.config.feature_projection_input_dim)
+    with pytest.raises(ValueError, match="W2VBERT_FAST_VALIDATE must be one of"):
+        our_model_like(hf)(features, attention_mask=mask)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, torch.float32], ids=["long", "bool", "float"])
+def test_mask_with_nothing_padded_takes_lengths_equal_to_the_length_and_matches(backend, backend_name, dtype):
+    # no special case for an all-ones mask: the kernels get lengths that all equal L
+    backend(backend_name)
+    hf = transformers_model(num_hidden_layers=1)
+    ours = our_model_like(hf).to(DEVICE)
+    features, mask = ragged_batch([19, 19], hf.config.feature_projection_input_dim)
+    with torch.no_grad():
+        out = ours(features.to(DEVICE), attention_mask=mask.to(DEVICE, dtype)).last_hidden_state.cpu()
+        ref = hf(features, attention_mask=mask).last_hidden_state
+    assert (out - ref).abs().max().item() <= FP32_ATOL
+
+
+def test_padding_is_built_on_the_mask_device_without_reading_it(monkeypatch):
+    """With checks off, building Padding never reads the mask on the host (a torch.Tensor.item/tolist/__bool__
+    call would be a device sync on a GPU)."""
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _name=name: pytest.fail(f"Tensor.{_name} called"))
+    padding = Padding.from_attention_mask(mask, 4, 2)
+    monkeypatch.undo()
+    assert padding.lengths.dtype == torch.int32 and padding.lengths.tolist() == [3, 4]
+    assert padding.mask.tolist() == [[True, True, True, False], [True] * 4]
 
 
 def test_one_layer_at_the_real_w2v_bert_2_sizes_matches():

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import ops
 from .config import Wav2Vec2BertConfig
+from .ops._backend import checks_values
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -90,37 +91,73 @@ def is_silu(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- masking
 @dataclass
 class Padding:
-    """Which frames of a batch are real. Built once per forward from the (B, T) attention mask.
+    """Which frames of a batch are real, built once per forward on the mask's device with tensor ops only: no host
+    sync and no data-dependent Python branch, so a masked forward compiles in one graph (``fullgraph=True``) and
+    captures into a CUDA graph.
 
-    ``lengths`` is set when the mask is right padding (the kernels' fast path); otherwise only ``mask`` is, and the
-    ops fall back to their masked references. ``keep_padded_rows``: padded rows must be computed as transformers
-    computes them (an adapter's strided conv reads one of them).
+    A mask is read as right padding: row b's length is its number of nonzero entries and frames ``[0, length)``
+    are the real ones (what transformers' own output-length arithmetic assumes, and what FbankExtractor makes).
+    Telling a mask with holes (a 0 before a 1) from right padding needs the host to read the mask, so it is
+    checked only when value checks run (see ``ops._backend.checks_values``: by default on CPU tensors outside
+    torch.compile, everywhere with ``W2VBERT_FAST_VALIDATE=1``), and then it raises. Unchecked, a mask with holes
+    gives the output of the right-padded mask with the same number of ones per row.
+
+    ``lengths`` may all equal T (nothing padded): the kernels take that as is, no special case. ``mask`` is
+    derived from ``lengths``. ``keep_padded_rows``: padded rows must be computed as transformers computes them
+    (an adapter's strided conv reads one of them).
     """
 
-    mask: torch.Tensor  # (B, T) bool, True = real frame
-    lengths: Optional[torch.Tensor]  # (B,) int32, or None when the mask has holes
+    mask: torch.Tensor  # (B, T) bool, True = real frame (t < lengths[b])
+    lengths: torch.Tensor  # (B,) int32, the kernels' dtype: no per-layer conversion
     keep_padded_rows: bool = False
 
     @staticmethod
-    def from_attention_mask(attention_mask, length, batch, keep_padded_rows=False) -> Optional["Padding"]:
+    def from_lengths(lengths, length, keep_padded_rows=False) -> "Padding":
+        lengths = lengths.to(torch.int32)
+        mask = torch.arange(length, device=lengths.device, dtype=torch.int32)[None, :] < lengths[:, None]
+        return Padding(mask=mask, lengths=lengths, keep_padded_rows=keep_padded_rows)
+
+    @staticmethod
+    def from_attention_mask(attention_mask, length, batch, keep_padded_rows=False,
+                            validate: Optional[bool] = None) -> Optional["Padding"]:
+        """``attention_mask``: (batch, length), 1 (or True, or nonzero) = real frame. Shape and dtype errors are
+        raised always (no sync); ``validate`` (default: ``ops._backend.checks_values``) also checks the values on
+        the host: 0/1 only, at least one real frame per row, right padding."""
         if attention_mask is None:
             return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
             raise ValueError(
                 f"attention_mask must have shape (batch, frames) = ({batch}, {length}), got {tuple(attention_mask.shape)}"
             )
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            if not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError("attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding)")
-        mask = attention_mask.bool()
-        lengths = mask.sum(dim=1, dtype=torch.int32)  # the kernels' dtype: no per-layer conversion
-        if not bool((lengths > 0).all()):
-            empty = torch.nonzero(lengths == 0).flatten().tolist()
-            raise ValueError(f"attention_mask has no real frame in batch row(s) {empty}: every sequence needs at least one")
-        if bool(lengths.min() == length):
-            return None  # nothing is padded: the unmasked path is exact and faster
-        right_padded = torch.equal(mask, torch.arange(length, device=mask.device)[None, :] < lengths[:, None])
-        return Padding(mask=mask, lengths=lengths if right_padded else None, keep_padded_rows=keep_padded_rows)
+        if attention_mask.dtype.is_complex:
+            raise ValueError(f"attention_mask must be a bool, integer or floating 0/1 tensor, got {attention_mask.dtype}")
+        real = attention_mask != 0
+        padding = Padding.from_lengths(real.sum(dim=1, dtype=torch.int32), length, keep_padded_rows)
+        if validate is None:
+            validate = checks_values(attention_mask)
+        if validate:
+            check_mask_values(attention_mask, real, padding)
+        return padding
+
+
+def check_mask_values(attention_mask, real, padding) -> None:
+    """The host-side checks of a mask's values, in one device-to-host copy: 0/1 only, no empty row, no hole."""
+    not_binary = ((attention_mask != 0) & (attention_mask != 1)).any(dim=1)
+    empty = padding.lengths == 0
+    holes = (real != padding.mask).any(dim=1)
+    not_binary, empty, holes = torch.stack([not_binary, empty, holes]).cpu().tolist()
+    rows = lambda flags: [i for i, flag in enumerate(flags) if flag]  # noqa: E731
+    if any(not_binary):
+        raise ValueError(f"attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding); row(s) {rows(not_binary)} do not")
+    if any(empty):
+        raise ValueError(f"attention_mask has no real frame in batch row(s) {rows(empty)}: every sequence needs at least one")
+    if any(holes):
+        raise ValueError(
+            f"attention_mask row(s) {rows(holes)} are not right padding (a 0 before a 1): w2vbert_fast reads a mask "
+            "as right padding (real frames first, then padding); put each sequence's real frames first"
+        )
 
 
 # ------------------------------------------------------------------------------------ position embeddings
@@ -256,12 +293,7 @@ class Wav2Vec2BertConvolutionModule(nn.Module):
 
     def forward(self, hidden_states, padding: Optional[Padding] = None):
         hidden_states = self.layer_norm(hidden_states)
-        lengths = None
-        if padding is not None:
-            if padding.lengths is None:  # holes in the mask: zero them here, exactly what transformers does
-                hidden_states = hidden_states.masked_fill(~padding.mask[..., None], 0.0)
-            else:
-                lengths = padding.lengths
+        lengths = padding.lengths if padding is not None else None
         hidden_states = F.linear(hidden_states, self.pointwise_conv1.weight[:, :, 0], self.pointwise_conv1.bias)
         norm = self.depthwise_layer_norm
         if is_silu(self.activation) and self.depthwise_conv.bias is None:
@@ -269,9 +301,8 @@ class Wav2Vec2BertConvolutionModule(nn.Module):
                 hidden_states, self.depthwise_conv.weight, norm.weight, norm.bias, norm.eps, lengths
             )
         else:  # an activation the kernel does not fuse: the same steps, unfused
-            if lengths is not None:
-                valid = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None, :] < lengths[:, None]
-                hidden_states = hidden_states.masked_fill(~valid[..., None], 0.0)
+            if padding is not None:
+                hidden_states = hidden_states.masked_fill(~padding.mask[..., None], 0.0)
             kernel_size = self.depthwise_conv.kernel_size[0]
             hidden_states = F.glu(hidden_states, dim=-1).transpose(1, 2)
             hidden_states = self.depthwise_conv(F.pad(hidden_states, (kernel_size - 1, 0))).transpose(1, 2)
@@ -324,11 +355,9 @@ class Wav2Vec2BertSelfAttention(nn.Module):
             table = self.distance_embedding.weight
             if padding is None:
                 out = ops.rel_key_attention(q, k, v, table, left, right, self.scaling)
-            elif padding.lengths is not None:
+            else:
                 out = ops.rel_key_attention(q, k, v, table, left, right, self.scaling, padding.lengths,
                                             zero_padded_queries=not padding.keep_padded_rows)
-            else:
-                out = ops.rel_key_attention_reference(q, k, v, table, left, right, self.scaling, padding.mask)
         else:
             out = attention_with_bias(self, q, k, v, padding, relative_position_embeddings, dropout_p)
         return self.linear_out(out), None
@@ -488,8 +517,8 @@ class Wav2Vec2BertAdapter(nn.Module):
         if self.proj is not None and self.proj_layer_norm is not None:
             hidden_states = self.proj_layer_norm(self.proj(hidden_states))
         lengths = None
-        if attention_mask is not None:
-            lengths = attention_mask.bool().sum(1).to(hidden_states.device)
+        if attention_mask is not None:  # real frames per row, as Padding counts them (right padding)
+            lengths = (attention_mask != 0).sum(1).to(hidden_states.device)
         for layer in self.layers:
             if lengths is not None:
                 # transformers' formula (padding kernel_size // 2, while the conv pads stride // 2): kept for parity
@@ -527,9 +556,9 @@ class Wav2Vec2BertAdapterLayer(nn.Module):
         hidden_states = self.activation(self.self_attn_conv(hidden_states)).transpose(1, 2)
         padding = None
         if attention_mask is not None and sub_sampled_lengths is not None:
-            batch, length, _ = hidden_states.shape
-            valid = torch.arange(length, device=hidden_states.device)[None, :] < sub_sampled_lengths[:, None]
-            padding = Padding.from_attention_mask(valid, length, batch)
+            # transformers' length formula may overshoot the conv's output by a frame: clamped on the device
+            length = hidden_states.shape[1]
+            padding = Padding.from_lengths(sub_sampled_lengths.clamp(max=length), length)
         hidden_states, _ = self.self_attn(hidden_states, padding)
         hidden_states = self.self_attn_dropout(hidden_states) + residual
         residual = hidden_states
