@@ -326,6 +326,21 @@ def test_read_only_output_folder_is_found_before_any_work(folder, tmp_path):
         f"another folder or make it writable"]
 
 
+def test_write_failure_mid_run_stops_with_one_line(folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import w2vbert_fast.extract as extract_module
+
+    def disk_full(path, hidden_states, metadata):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(extract_module, "save_hidden_states", disk_full)
+    assert extract(folder, "--out", tmp_path / "out", *TINY) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m w2vbert_fast extract: error: cannot write ")
+    assert "(No space left on device); outputs written so far are complete and a rerun resumes" in last
+
+
 # ------------------------------------------------------------------------------------------ small ones
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_batch_seconds_must_be_a_positive_number(folder, tmp_path, capsys, value):

@@ -115,8 +115,9 @@ def demo(args):
     if len(clip) < 560:  # FbankExtractor needs two 25 ms frames to normalise
         raise CommandError(f"--audio {path}: {len(clip)} samples at 16 kHz is too short (at least 560, 35 ms)")
     if float(abs(clip).max()) > MAX_ABS_SAMPLE:
-        raise CommandError(f"--audio {path}: samples reach {float(abs(clip).max()):.3g}, above {MAX_ABS_SAMPLE:.0e} "
-                           f"(the fp32 power spectrum would overflow); samples are expected in [-1, 1]")
+        raise CommandError(f"--audio {path}: samples reach {float(abs(clip).max()):.3g}, above "
+                           f"{MAX_ABS_SAMPLE:.0e} (the fp32 power spectrum would overflow); samples are expected in "
+                           f"[-1, 1]")
     warmup = 1
 
     print(f"w2vbert_fast demo on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {str(dtype)[6:]}")

@@ -2,7 +2,8 @@
 loading, and the usage error that main() prints without a traceback.
 
 Kept out of ``__main__`` because ``python -m w2vbert_fast`` runs that file as the module ``__main__``: a submodule
-importing ``w2vbert_fast.__main__`` would get a second copy with its own CommandError class, which main() would not catch.
+importing ``w2vbert_fast.__main__`` would get a second copy with its own CommandError class, which main() would
+not catch.
 """
 
 import os

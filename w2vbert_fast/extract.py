@@ -169,9 +169,9 @@ def extract(args):
                            f"Extract into another --out, or pass --overwrite to replace them")
     for message in redone:
         print(f"extract: redoing {message}", file=log)
-    print(f"extract: {inputs} inputs, {skipped} already written (skipped), {len(todo)} to do"
-          f"{f' ({len(redone)} stale or damaged, redone)' if redone else ''}; layer {args.layer} of {description} on {device.type}, "
-          f"{str(dtype)[6:]}", file=log, flush=True)
+    redo = f" ({len(redone)} stale or damaged, redone)" if redone else ""
+    print(f"extract: {inputs} inputs, {skipped} already written (skipped), {len(todo)} to do{redo}; layer "
+          f"{args.layer} of {description} on {device.type}, {str(dtype)[6:]}", file=log, flush=True)
 
     def run(batch, waves):
         features = extractor(waves, sampling_rate=SAMPLE_RATE, device=device)
