@@ -67,3 +67,14 @@ def test_invalid_json_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Wav2Vec2BertConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", "not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object of config fields, got list"),
+], ids=["not-utf8", "array"])
+def test_unreadable_config_names_the_file(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        Wav2Vec2BertConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(error.value)

@@ -280,6 +280,21 @@ def test_damaged_weights_file_is_one_line(folder, tmp_path, capsys, damage):
     assert f"{weights} (" in err and "not a complete safetensors file" in err and "download or save it again" in err
 
 
+def test_unreadable_weights_file_is_one_line(folder, tmp_path):
+    model = tiny_checkpoint(tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.chmod(0)
+    try:
+        result = run_without_read_override(["extract", folder, "--out", tmp_path / "out", "--model", model],
+                                           probe=weights)
+    finally:
+        weights.chmod(0o644)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"python -m w2vbert_fast extract: error: --model {model}: {weights}: cannot read it (Permission denied); "
+        f"check its permissions"]
+
+
 def test_config_that_disagrees_with_the_weights_is_one_line(folder, tmp_path, capsys):
     model = tiny_checkpoint(tmp_path / "model")
     config = json.loads((model / "config.json").read_text())

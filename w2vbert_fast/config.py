@@ -103,8 +103,11 @@ class Wav2Vec2BertConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 values = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path!r} is not valid JSON: {err}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path!r} is not valid JSON ({err}): fix it, or use the config.json saved with "
+                                 f"the weights") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path!r} must hold a JSON object of config fields, got {type(values).__name__}")
         return cls.from_dict(values)
 
     @classmethod

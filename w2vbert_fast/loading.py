@@ -51,11 +51,14 @@ def checkpoint_files(folder) -> list:
 def _open(path):
     """safe_open, with a damaged file (empty, truncated, not safetensors) as a ValueError naming it and the fix."""
     try:
+        open(path, "rb").close()  # safe_open reports any OS error as "No such file or directory"
         return safe_open(path, framework="pt", device="cpu")
     except SafetensorError as error:
         size = os.path.getsize(path)
         raise ValueError(f"{path} ({size} bytes) is not a complete safetensors file ({error}): it is empty, "
                          f"truncated or not safetensors; download or save it again") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error}); check its permissions") from None
 
 
 def read_headers(files) -> dict:
