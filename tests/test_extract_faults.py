@@ -218,6 +218,28 @@ def test_outputs_get_the_umask_mode(folder, tmp_path):
     assert not list((tmp_path / "out").glob("*.partial")) and not list((tmp_path / "out").glob(".w2vbert*"))
 
 
+def test_each_output_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    from w2vbert_fast.outputs import save_hidden_states
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "sub" / "x.safetensors"
+    save_hidden_states(str(target), torch.ones(3, 4), {"layer": "1"})
+    partial = str(target) + ".partial"
+    assert events == [("fsync", partial), ("replace", partial), ("fsync", str(tmp_path / "sub"))]
+    assert read_output(target)[0].shape == (3, 4)
+
+
 # ---------------------------------------------------------------------------------------------- finiteness
 def test_huge_samples_are_rejected_by_name(folder, tmp_path, capsys):
     spike = speechy(0.5, 5)

@@ -37,11 +37,14 @@ def save_hidden_states(path, hidden_states, metadata):
     finally:
         os.close(fd)
     os.replace(partial, path)  # a crash never leaves a file that a rerun would skip
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    try:  # the rename itself survives a power cut; some file systems cannot fsync a folder, and the file is whole
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass
 
 
 def hidden_frames(num_samples: int) -> int:
