@@ -202,8 +202,9 @@ class FbankExtractor:
                 "per-bin variance is undefined (transformers returns NaN features); give at least 560 samples"
             )
         tensor = tensor.to(torch.float32)
-        # one reduction for both checks: amax propagates NaN and keeps ±Inf
-        peak = float(tensor.abs().amax())
+        # one pass, no copy, one sync for both checks: aminmax gives NaN for both ends when any sample is NaN
+        low, high = torch.aminmax(tensor)
+        peak = float(torch.maximum(-low, high))
         if not math.isfinite(peak):
             raise ValueError(f"clip {index} contains NaN or Inf samples")
         if peak > MAX_ABS_SAMPLE:
