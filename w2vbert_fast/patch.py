@@ -4,6 +4,11 @@ Our modules carry transformers' attribute names, so the same ``forward`` functio
 submodule gets ours bound to the instance (as Liger-Kernel's ``_bind_method_to_module`` does). No parameter is
 copied, moved or renamed: the state_dict is untouched, and transformers' own Model.forward, heads, output
 capturing (``output_hidden_states``) and losses keep working around the patched submodules.
+
+Training keeps working too. transformers (5.2x) checkpoints an encoder layer through a wrapper on its class's
+``forward``, which a forward bound on the instance bypasses; so our layer forward checkpoints itself, reading the
+flags transformers' ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()`` set on each layer
+(``gradient_checkpointing``, ``_gradient_checkpointing_func``). Enabling it before or after optimize() is the same.
 """
 
 import types
