@@ -10,6 +10,10 @@ the PyTorch reference (the ``auto`` backend).
   ``ceiling``). GB/s counts the floor's bytes, 2C·T read + C·T written per sequence, for every contender;
   ``copy_fraction`` divides it by the copy bandwidth measured once per session on a large tensor
   (``conftest.copy_gbps``), and ``floor_ms`` is the floor's bytes at that bandwidth.
+* ``conv middle training``: the same middle, forward + backward (gradients of x, the conv weight and the LayerNorm
+  parameters, weights in fp32 as autocast leaves them). Ours (the kernels both ways), the reference under eager
+  autograd, torch.compile of the reference (GPU only). The floor counts x read twice, y and dy once, dx written:
+  8C·T elements a sequence.
 """
 
 import pytest
@@ -117,3 +121,39 @@ def test_conv_middle(measure, shape, contender):
         measure(fn, inputs, case=f"conv middle {shape_id(shape)}", contender=contender,
                 bytes_moved=floor_bytes(batch, length), peak_gbps=bandwidth,
                 floor_ms=floor_bytes(batch, length) / (bandwidth * 1e9) * 1e3, **extra)
+
+
+TRAINING_CONTENDERS = ["ours", "eager PyTorch", "torch.compile(eager PyTorch)"]
+
+
+@pytest.mark.parametrize("contender", TRAINING_CONTENDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_conv_middle_training(measure, shape, contender):
+    batch, length = shape
+    # the parameters in fp32, x in the activations' dtype: what torch.autocast hands the op in fine-tuning
+    weight, ln_weight, ln_bias = (t.float().requires_grad_(True) for t in middle_parameters())
+    extra = {}
+    if contender == "ours":
+        forward = glu_depthwise_conv
+    else:
+        extra["role"] = "reference" if contender == "eager PyTorch" else None
+        forward = glu_depthwise_conv_reference
+        if contender.startswith("torch.compile"):
+            if not ON_GPU:
+                pytest.skip("torch.compile is timed on a GPU only (inductor on CPU needs a C++ toolchain)")
+            forward = torch.compile(glu_depthwise_conv_reference)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    inputs = [(torch.randn(batch, length, 2 * CHANNELS, device=DEVICE, dtype=DTYPE, generator=generator)
+               .requires_grad_(True),
+               torch.randn(batch, length, CHANNELS, device=DEVICE, dtype=DTYPE, generator=generator))
+              for _ in range(ROTATIONS)]
+
+    def step(x, dout):
+        out = forward(x, weight, ln_weight, ln_bias, 1e-5)
+        return torch.autograd.grad(out, (x, weight, ln_weight, ln_bias), dout)
+
+    train_floor = 8 * CHANNELS * length * batch * torch.finfo(DTYPE).bits // 8
+    bandwidth = copy_gbps()
+    measure(step, inputs, case=f"conv middle training {shape_id(shape)}", contender=contender,
+            bytes_moved=train_floor, peak_gbps=bandwidth, floor_ms=train_floor / (bandwidth * 1e9) * 1e3, **extra)

@@ -1,8 +1,9 @@
-"""The fused GLU → causal depthwise conv → LayerNorm → swish kernel against its PyTorch reference and against
-transformers' Wav2Vec2BertConvolutionModule end to end.
+"""The fused GLU → causal depthwise conv → LayerNorm → swish kernels (forward and backward) against their PyTorch
+reference and against transformers' Wav2Vec2BertConvolutionModule end to end.
 
-On a machine without a GPU the kernel runs under Triton's interpreter (tests/conftest.py), fp32 and fp16;
-bf16 is checked on the GPU only.
+On a machine without a GPU the kernels run under Triton's interpreter (tests/conftest.py), fp32 and fp16;
+bf16 is checked on the GPU only (the interpreter emulates bf16 through fp32 numpy arrays, so a CPU bf16 run would
+check the emulation, not the kernel's rounding).
 """
 
 import importlib
@@ -15,7 +16,7 @@ from model_helpers import randomize_
 from w2vbert_fast import Wav2Vec2BertConfig
 from w2vbert_fast.modeling import Padding, Wav2Vec2BertConvolutionModule
 from w2vbert_fast.ops import glu_depthwise_conv, glu_depthwise_conv_reference
-from w2vbert_fast.ops.glu_depthwise_conv import _launch
+from w2vbert_fast.ops.glu_depthwise_conv import _launch, _launch_backward
 
 kernel_module = importlib.import_module("w2vbert_fast.ops.glu_depthwise_conv")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -99,7 +100,9 @@ def test_every_output_element_is_written_whatever_the_tiling(config):
     x, weight, ln_weight, ln_bias = make_inputs(3, 45, 72, 31, seed=2)
     lengths = torch.tensor([45, 20, 1], device=DEVICE, dtype=torch.int32)
     out = torch.full((3, 45, 72), float("nan"), device=DEVICE)
-    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, config=config)
+    block_t, block_c, num_warps, programs = config
+    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out,
+            config=({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps, programs))
     assert torch.isfinite(out).all()
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
 
@@ -113,8 +116,7 @@ def test_every_gpu_autotune_config_is_correct(config):
     x, weight, ln_weight, ln_bias = make_inputs(2, 37, 136, 31, seed=6)
     lengths = torch.tensor([37, 9], device=DEVICE, dtype=torch.int32)
     out = torch.full((2, 37, 136), float("nan"), device=DEVICE)
-    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out,
-            config=(config.kwargs["BLOCK_T"], config.kwargs["BLOCK_C"], config.num_warps, 2))
+    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, config=(config.kwargs, config.num_warps, 2))
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
 
 
@@ -147,14 +149,6 @@ def test_strided_input_view_is_read_in_place(backend):
     view = wide[..., : x.shape[-1]]  # row stride 4C, not 2C
     out = glu_depthwise_conv(view, weight, ln_weight, ln_bias, EPS)
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias))
-
-
-def test_gradients_fall_back_to_the_reference(backend):
-    backend("triton")
-    x, weight, ln_weight, ln_bias = make_inputs(1, 12, 48, 3)
-    x.requires_grad_(True)
-    glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_the_op_is_registered_with_torch_library():
@@ -227,3 +221,255 @@ def test_convolution_module_matches_transformers_end_to_end(backend, monkeypatch
     assert calls, "the kernel did not run"
     for i, n in enumerate(lengths):
         assert (out[i, :n] - expected[i, :n]).abs().max().item() <= FP32_ATOL
+
+
+# --------------------------------------------------------------------------------------------- gradients
+PARAMETERS = ("x", "conv_weight", "ln_weight", "ln_bias")
+
+
+def reference_gradients(inputs, dout, lengths=None, dtype=torch.float32):
+    """Gradients of (x, conv_weight, ln_weight, ln_bias) through the reference computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
+    out = glu_depthwise_conv_reference(*leaves, EPS, lengths)
+    return torch.autograd.grad(out, leaves, dout.to(dtype))
+
+
+def our_gradients(inputs, dout, lengths=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = glu_depthwise_conv(*leaves, EPS, lengths)
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def assert_gradient_close(name, actual, expected):
+    """fp32 gradients: 1e-4 (FP32_ATOL) relative to the gradient's largest element; dweight sums over T and
+    B, so its elements reach tens where the forward's outputs stay near one."""
+    assert actual.dtype == expected.dtype, f"d{name}: dtype {actual.dtype}, expected {expected.dtype}"
+    scale = max(1.0, expected.abs().max().item())
+    try:
+        assert_fp32_close(actual, expected, atol=FP32_ATOL * scale)
+    except AssertionError as error:
+        raise AssertionError(f"d{name}: {error}") from None
+
+
+def make_dout(batch, length, channels, dtype=torch.float32, seed=7):
+    return torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("length", [1, 7, 33, 129])
+def test_gradients_through_the_kernels_match_the_reference_fp32(backend, monkeypatch, length):
+    """Ragged batch (full, about half), C = 40 (not a power of two, not a multiple of the chunk), K = 31
+    (T = 33 is just past the kernel's reach, 129 spans several splits of the GLU backward)."""
+    backend("triton")
+    calls = []
+    real = kernel_module._launch_backward
+    monkeypatch.setattr(kernel_module, "_launch_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = make_inputs(2, length, 40, 31, seed=8)
+    lengths = ragged_lengths(2, length)
+    dout = make_dout(2, length, 40)
+    ours = our_gradients(inputs, dout, lengths)
+    assert calls, "the backward kernels did not run"
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
+        assert_gradient_close(name, actual, expected)
+
+
+def test_gradients_without_lengths_and_with_a_short_kernel(backend):
+    backend("triton")
+    inputs = make_inputs(2, 20, 24, 3, seed=9)
+    dout = make_dout(2, 20, 24)
+    for name, actual, expected in zip(PARAMETERS, our_gradients(inputs, dout), reference_gradients(inputs, dout)):
+        assert_gradient_close(name, actual, expected)
+
+
+def test_no_gradient_reaches_padded_input_rows_and_they_do_not_poison_the_rest(backend):
+    """Rows at or past a sequence's length are zero input: their dx is exactly 0, NaN there changes nothing."""
+    backend("triton")
+    x, weight, ln_weight, ln_bias = make_inputs(2, 24, 24, 31, seed=10)
+    lengths = torch.tensor([24, 9], device=DEVICE)
+    poisoned = x.clone()
+    poisoned[1, 9:] = float("nan")
+    dout = make_dout(2, 24, 24)
+    ours = our_gradients((poisoned, weight, ln_weight, ln_bias), dout, lengths)
+    assert torch.equal(ours[0][1, 9:], torch.zeros_like(ours[0][1, 9:]))
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients((x, weight, ln_weight, ln_bias), dout,
+                                                                              lengths)):
+        assert_gradient_close(name, actual, expected)
+
+
+def nan_buffers(batch, length, channels):
+    dx = torch.full((batch, length, 2 * channels), float("nan"), device=DEVICE)
+    dconv = torch.full((batch, length, channels), float("nan"), device=DEVICE)
+    return dx, dconv
+
+
+def run_backward(inputs, dout, lengths, **configs):
+    """The backward launcher straight, on NaN-filled dx and dconv buffers, with forced configs."""
+    x, weight, ln_weight, ln_bias = inputs
+    _, mean, rstd = _launch(x, weight, ln_weight, ln_bias, EPS, lengths)
+    dx, dconv = nan_buffers(x.shape[0], x.shape[1], x.shape[2] // 2)
+    return _launch_backward(dout, x, weight, ln_weight, ln_bias, lengths, mean, rstd, dx=dx, dconv=dconv, **configs)
+
+
+NORM_CONFIGS = kernel_module._norm_backward_configs(interpreted=False)
+GLU_CONFIGS = kernel_module._glu_backward_configs(interpreted=False)
+
+
+def config_id(config):
+    return "T{BLOCK_T}-C{BLOCK_C}-w".format(**config.kwargs) + str(config.num_warps)
+
+
+@pytest.mark.parametrize("config", NORM_CONFIGS, ids=config_id)
+def test_every_gpu_config_of_the_layernorm_backward_is_correct(config):
+    """What the autotuner may pick on a GPU, under the interpreter; dconv and dx start as NaN."""
+    inputs = make_inputs(2, 21, 136, 31, seed=11)
+    lengths = torch.tensor([21, 6], device=DEVICE, dtype=torch.int32)
+    dout = make_dout(2, 21, 136)
+    ours = run_backward(inputs, dout, lengths, norm_config=(config.kwargs, config.num_warps, 2))
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
+        assert_gradient_close(name, actual, expected)
+
+
+@pytest.mark.parametrize("config", GLU_CONFIGS, ids=config_id)
+def test_every_gpu_config_of_the_glu_conv_backward_is_correct(config):
+    """Each config with 2 time splits of its BLOCK_T (ragged last) and a ragged last channel chunk."""
+    block_t = config.kwargs["BLOCK_T"]
+    length = block_t + 5
+    inputs = make_inputs(2, length, 136, 31, seed=12)
+    lengths = torch.tensor([length, block_t - 3], device=DEVICE, dtype=torch.int32)
+    dout = make_dout(2, length, 136)
+    # target programs: 2 sequences × 2 chunks (of the widest config, 128) × 3 splits, capped at 2 by the length
+    ours = run_backward(inputs, dout, lengths, glu_config=(config.kwargs, config.num_warps, 12))
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
+        assert_gradient_close(name, actual, expected)
+
+
+@pytest.mark.parametrize("programs", [1, 5], ids=["one-program", "five-programs"])
+def test_every_gradient_element_is_written_whatever_the_split(programs):
+    """One persistent program walking every tile, or several; one GLU-backward split or several."""
+    inputs = make_inputs(3, 29, 40, 31, seed=13)
+    lengths = torch.tensor([29, 12, 1], device=DEVICE, dtype=torch.int32)
+    dout = make_dout(3, 29, 40)
+    ours = run_backward(inputs, dout, lengths, norm_config=({"BLOCK_T": 8, "BLOCK_C": 32}, 4, programs),
+                        glu_config=({"BLOCK_T": 8, "BLOCK_C": 32}, 4, programs * 3 * 2))
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
+        assert_gradient_close(name, actual, expected)
+
+
+def test_fp16_gradients_within_twice_pytorch_fp16_error(backend):
+    backend("triton")
+    inputs = make_inputs(2, 24, 40, 31, dtype=torch.float16, seed=14)
+    lengths = ragged_lengths(2, 24)
+    dout = make_dout(2, 24, 40, dtype=torch.float16)
+    ours = our_gradients(inputs, dout, lengths)
+    torch_fp16 = reference_gradients(inputs, dout, lengths, dtype=torch.float16)
+    fp32 = reference_gradients(inputs, dout, lengths)
+    for name, a, t, e in zip(PARAMETERS, ours, torch_fp16, fp32):
+        assert a.dtype == torch.float16, name
+        assert_half_precision_close(a, t, e)
+
+
+def test_half_input_with_fp32_weights_gives_each_gradient_in_its_input_dtype(backend):
+    """What autocast hands the op: x in fp16 (from the Linear), the conv and LayerNorm parameters in fp32."""
+    backend("triton")
+    x, weight, ln_weight, ln_bias = make_inputs(2, 30, 40, 31, seed=15)
+    lengths = ragged_lengths(2, 30)
+    dout = make_dout(2, 30, 40, dtype=torch.float16)
+    ours = our_gradients((x.half(), weight, ln_weight, ln_bias), dout, lengths)
+    assert [g.dtype for g in ours] == [torch.float16, torch.float32, torch.float32, torch.float32]
+    fp32 = reference_gradients((x.half(), weight, ln_weight, ln_bias), dout, lengths)
+    torch_mixed = reference_gradients((x.half(), weight, ln_weight, ln_bias), dout, lengths, dtype=torch.float16)
+    for name, a, t, e in zip(PARAMETERS, ours, torch_mixed, fp32):
+        assert_half_precision_close(a.half(), t, e)
+
+
+def test_the_convolution_module_trains_under_autocast(backend):
+    """torch.autocast around the whole module: the Linear gives half precision, the op takes it with fp32 weights,
+    every parameter gets a finite gradient in fp32."""
+    backend("triton")
+    config = Wav2Vec2BertConfig.from_dict(dict(hidden_size=24, num_attention_heads=4, conv_depthwise_kernel_size=7))
+    torch.manual_seed(0)
+    module = Wav2Vec2BertConvolutionModule(config).to(DEVICE).train()
+    module.dropout.p = 0.0
+    hidden = torch.randn(2, 11, 24, device=DEVICE)
+    calls = []
+    real = kernel_module._launch_backward
+    try:
+        kernel_module._launch_backward = lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k)
+        with torch.autocast(DEVICE, dtype=torch.float16 if HAS_CUDA else torch.bfloat16):
+            out = module(hidden)
+        out.float().square().mean().backward()
+    finally:
+        kernel_module._launch_backward = real
+    assert calls and calls[0] != torch.float32, "the op did not see a half-precision input"
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_nothing_larger_than_the_input_is_saved_for_backward(backend):
+    """x (B·T·2C) and two floats a row: no (B, T, C) intermediate of the GLU, conv or LayerNorm is kept."""
+    backend("triton")
+    inputs = [t.requires_grad_(True) for t in make_inputs(2, 19, 24, 31, seed=16)]
+    lengths = ragged_lengths(2, 19)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = glu_depthwise_conv(*inputs, EPS, lengths)
+    out.sum().backward()
+    x = inputs[0]
+    assert saved and max(saved) <= x.numel()
+    # x itself, then at most (C, 1, K) + 2C + B + 2·B·T
+    assert sum(saved) <= x.numel() + inputs[1].numel() + 2 * 24 + 2 + 2 * 2 * 19
+
+
+@pytest.mark.parametrize("name", ["torch", "auto", "triton"])
+def test_empty_time_axis_gives_an_empty_result_on_every_backend(backend, name):
+    backend(name)
+    x, weight, ln_weight, ln_bias = make_inputs(2, 0, 24, 31)
+    x.requires_grad_(True)
+    out = glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS, torch.tensor([0, 0], device=DEVICE))
+    assert out.shape == (2, 0, 24) and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_the_backward_op_is_registered_with_torch_library():
+    inputs = make_inputs(2, 9, 24, 3, seed=17)
+    lengths = torch.tensor([9, 4], device=DEVICE, dtype=torch.int32)
+    _, mean, rstd = _launch(*inputs, EPS, lengths)
+    torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv_backward.default,
+                          (make_dout(2, 9, 24), *inputs, lengths, mean, rstd))
+
+
+def test_torch_compile_traces_forward_and_backward_through_the_kernels(backend, monkeypatch):
+    """One graph forward (fullgraph), and AOT autograd's backward graph runs the backward op."""
+    backend("triton")
+    calls = []
+    real = kernel_module._launch_backward
+    monkeypatch.setattr(kernel_module, "_launch_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = make_inputs(2, 14, 24, 5, seed=18)
+    lengths = torch.tensor([14, 6], device=DEVICE)
+    dout = make_dout(2, 14, 24)
+    compiled = torch.compile(lambda *a: glu_depthwise_conv(*a, EPS, lengths) * dout, backend="aot_eager",
+                             fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    compiled(*leaves).sum().backward()
+    assert calls, "the backward kernels did not run"
+    for name, leaf, expected in zip(PARAMETERS, leaves, reference_gradients(inputs, dout, lengths)):
+        assert_gradient_close(name, leaf.grad, expected)
+
+
+@pytest.mark.parametrize("name", ["torch", "auto"])
+def test_pytorch_paths_give_the_reference_gradients(backend, name):
+    """``torch`` everywhere and ``auto`` on CPU tensors: the reference with plain autograd (the GPU's ``auto`` is
+    the kernels, checked above)."""
+    backend(name)
+    inputs = [t.cpu() for t in make_inputs(2, 12, 24, 7, seed=19)]
+    dout = make_dout(2, 12, 24).cpu()
+    lengths = torch.tensor([12, 5])
+    for pname, actual, expected in zip(PARAMETERS, our_gradients(inputs, dout, lengths),
+                                       reference_gradients(inputs, dout, lengths)):
+        assert torch.equal(actual, expected), pname

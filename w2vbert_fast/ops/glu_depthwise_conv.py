@@ -11,9 +11,26 @@ from it: the GLU's sigmoid is evaluated about (BLOCK_T + K - 1) / BLOCK_T times 
 the K-fold re-reading hits L1 rather than L2. The un-normalised conv rows (fp32) go to a per-program row buffer;
 LayerNorm (two-pass: mean while convolving, then the centred variance, then normalise + swish + store) reads them
 back from cache. The grid is persistent (a few programs per SM) so every program's scratch is reused tile after
-tile and stays cache-resident instead of being written back to DRAM.
+tile and stays cache-resident instead of being written back to DRAM. The forward also writes each row's LayerNorm
+mean and rstd (8 bytes a row): with x, all the backward keeps.
 
-Reading order: reference → kernel → launcher → torch.library op → dispatch.
+Backward, two kernels (conv output h, n = LayerNorm(h) before its affine, z = n·γ + β, y = swish(z)):
+
+* the LayerNorm backward, a row kernel like the forward (same persistent grid, same scratch): it recomputes the
+  conv rows from x, then dz = dy·σ(z)·(1 + z·(1 − σ(z))), and writes dh = rstd·(dn − mean(dn) − n·mean(dn·n)) with
+  dn = dz·γ, fp32 (B, T, C), the one intermediate; per-program partial sums of dγ = Σ dz·n and dβ = Σ dz.
+* the GLU/conv backward, over (sequence × time split, channel chunk): dGLU[s] = Σ_k w[k]·dh[s + K − 1 − k] (the
+  anti-causal conv, its K shifted dh tiles L1 hits), dx from the GLU's backward (0 at rows past the length, which
+  were zero input), and per-(sequence, split) partials of dw[k] = Σ_s GLU[s]·dh[s + K − 1 − k] from the same tiles.
+
+The partials are reduced with torch.sum. Why Triton rather than a recompute plus PyTorch's backward (no GPU has
+timed either; DRAM bytes counted per element of (B, T, C), bf16 x): the kernels move 6 forward (x 4, y 2) and
+22-24 backward (x 4, dy 2, its second read 0-2, dh 4 written; x 4, dh 4, dx 4). Recompute + eager backward
+writes and rereads every stage's output (GLU, padded copy, conv, LayerNorm, swish) and their gradients, with
+transposes around the channel-first conv: by the same count about 24 to recompute and 36 backward, and several
+(B, T, C) tensors alive at once instead of one.
+
+Reading order: reference → kernels → launchers → torch.library ops → dispatch.
 """
 
 from typing import Optional
@@ -42,7 +59,7 @@ def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, length
     return F.silu(h)
 
 
-# -------------------------------------------------------------------------------------------------- kernel
+# -------------------------------------------------------------------------------------------------- kernels
 def _window_rows(block_t, kernel_size):
     """Scratch rows of one GLU window: BLOCK_T + K - 1 rounded up to whole BLOCK_T chunks (the loads' shape)."""
     return triton.cdiv(block_t + kernel_size - 1, block_t) * block_t
@@ -54,35 +71,102 @@ def _scratch_per_program(block_t, block_c, channels, kernel_size):
 
 
 def _autotune_configs(interpreted=None):
+    """Tilings of the row kernels (the forward and the LayerNorm backward): BLOCK_T rows × all channels per tile."""
     if triton_interpreter_enabled() if interpreted is None else interpreted:
-        # The interpreter's cost is per op, not per element: one small config keeps CI fast, and tiles smaller than
-        # the tests' lengths and channel counts exercise ragged last tiles and chunks.
-        return [triton.Config({"BLOCK_T": 8, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4, num_stages=1)]
-    # The GLU window (16-40 KiB) stays in L1; the row buffer (BLOCK_T × C × 4 bytes per program) times the programs
-    # stays at a fraction of the L2 for C = 1024 (11-23 MiB), so the scratch is not written back to DRAM. Registers
-    # (ptxas, sm_90): 160-190 per thread at 8 accumulators a thread, 254 at 16, which bounds resident programs.
+        # The interpreter's cost is per op, not per element: one config with few tiles keeps CI fast, and tiles
+        # smaller than the tests' lengths and channel counts exercise ragged last tiles and chunks.
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4, num_stages=1)]
+    # 16 resident warps per SM (PROGRAMS_PER_SM × num_warps; 4-8 before): a streaming kernel needs them to hide HBM
+    # latency. The window is filled one BLOCK_T slice at a time and the taps loop is not unrolled, so only the
+    # accumulator and one slice are live: 64-125 registers a thread, no spills, on sm_90 and sm_80, triton 3.6 and
+    # 3.9, bf16/fp16/fp32 (16-row tiles take 152-156 on triton 3.6, and spill in fp32 on sm_80: not offered).
+    # The GLU window (BLOCK_T + K - 1 rows × BLOCK_C × 4 bytes, 10-20 KiB) stays in L1; the row buffers
+    # (BLOCK_T × C × 4 bytes per program, 32 rows per SM) total 17 MiB at C = 1024 on 132 SMs, inside the L2, so
+    # the scratch is not written back to DRAM.
     return [
         triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps,
                       num_stages=1)
         for block_t, block_c, warps, per_sm in [
-            (16, 64, 4, 2), (8, 128, 4, 2), (8, 64, 2, 4), (16, 128, 8, 1), (16, 128, 4, 2), (32, 64, 4, 1),
+            (8, 64, 4, 4), (8, 128, 4, 4), (8, 64, 2, 8), (8, 128, 8, 2),
         ]
     ]
+
+
+def _norm_backward_configs(interpreted=None):
+    """Tilings of the LayerNorm backward (a row kernel like the forward, with more live tiles: norm, z, sigmoid,
+    dout, dnorm): only the two that stay at ≤ 128 registers on sm_90 and sm_80 (16 resident warps). The others
+    of the forward's list take 160-254."""
+    if triton_interpreter_enabled() if interpreted is None else interpreted:
+        return _autotune_configs(interpreted=True)
+    return [
+        triton.Config({"BLOCK_T": 8, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=1)
+        for block_c, warps, per_sm in [(64, 4, 4), (128, 8, 2)]
+    ]
+
+
+def _glu_backward_configs(interpreted=None):
+    """Tilings of the GLU/conv backward: BLOCK_T input rows × BLOCK_C channels per step, no scratch."""
+    if triton_interpreter_enabled() if interpreted is None else interpreted:
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1)]
+    # 8 elements of a tile per thread: 64-121 registers (sm_90 / sm_80, triton 3.6 and 3.9), ≥ 16 resident warps,
+    # no spills. At 16 a thread (e.g. 32 × 64 on 4 warps) the value, gate, GLU, dGLU and dconv tiles take 120-255
+    # registers and some spill.
+    return [
+        triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
+        for block_t, block_c, warps in [(16, 64, 4), (32, 64, 8), (16, 128, 8), (32, 32, 4), (8, 128, 4)]
+    ]
+
+
+@triton.jit
+def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, channels, offs_t, offs_c,
+               KERNEL_SIZE: tl.constexpr, SYNC_SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One tile's un-normalised conv rows (fp32) into the row buffer, chunk by chunk; returns the rows' sums.
+
+    Scratch row s of the window holds the GLU of input row t0 - (K - 1) + s, for one chunk of channels."""
+    WINDOW_CHUNKS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T
+    num_chunks = tl.cdiv(channels, BLOCK_C)
+    row_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for chunk in range(num_chunks):
+        cols = chunk * BLOCK_C + offs_c
+        c_valid = cols < channels
+        if SYNC_SCRATCH:
+            tl.debug_barrier()  # every thread has finished the previous chunk's (or tile's) reads of the scratch
+        # a loop, not unrolled: one slice's loads live at a time keeps the registers (and so the occupancy) low
+        for part in tl.range(WINDOW_CHUNKS, loop_unroll_factor=1):
+            rows = t0 - (KERNEL_SIZE - 1) + part * BLOCK_T + offs_t
+            # rows before 0 are the conv's left padding, rows at or past the length zero input; rows past the
+            # window's end are never read by a tap, so not loaded either
+            row_valid = (rows >= 0) & (rows < seq_length) & (part * BLOCK_T + offs_t < BLOCK_T + KERNEL_SIZE - 1)
+            mask = row_valid[:, None] & c_valid[None, :]
+            x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
+            value = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(x_rows + channels, mask=mask, other=0.0).to(tl.float32)
+            tl.store(window_tile + part * BLOCK_T * BLOCK_C, value * tl.sigmoid(gate))
+        if SYNC_SCRATCH:
+            tl.debug_barrier()  # the window is visible to every thread of the program
+
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for tap in tl.range(KERNEL_SIZE, loop_unroll_factor=1):
+            glu = tl.load(window_tile + tap * BLOCK_C)
+            # channels past C get weight 0, so their conv rows are exact zeros for the LayerNorm sums
+            tap_weight = tl.load(weight_ptr + tap * channels + cols, mask=c_valid, other=0.0).to(tl.float32)
+            acc += glu * tap_weight[None, :]
+        row_sum += tl.sum(acc, 1)
+        tl.store(conv_tile + chunk * BLOCK_C, acc)
+    return row_sum
 
 
 @triton.autotune(configs=_autotune_configs(), key=["channels", "KERNEL_SIZE"])
 @triton.jit
 def _glu_depthwise_conv_kernel(
-    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, out_ptr, scratch_ptr,
+    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, out_ptr, mean_ptr, rstd_ptr, scratch_ptr,
     stride_xb, stride_xt, stride_ob, stride_ot,
     batch, length, channels, eps, scratch_stride,
     KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
 ):
-    # scratch row s of the window holds the GLU of input row t0 - (K - 1) + s, for one chunk of channels
-    WINDOW_CHUNKS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T
-    WINDOW_ROWS: tl.constexpr = WINDOW_CHUNKS * BLOCK_T
+    WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
     num_chunks = tl.cdiv(channels, BLOCK_C)
     padded_channels = num_chunks * BLOCK_C
     num_time_blocks = tl.cdiv(length, BLOCK_T)
@@ -102,37 +186,10 @@ def _glu_depthwise_conv_kernel(
         if HAS_LENGTHS:
             seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
         x_base = x_ptr + b.to(tl.int64) * stride_xb
+        row_sum = _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, channels,
+                             offs_t, offs_c, KERNEL_SIZE, SYNC_SCRATCH, BLOCK_T, BLOCK_C)
 
-        # pass 1, per channel chunk: GLU window → K taps → un-normalised conv rows, and the rows' sums
-        row_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for chunk in range(num_chunks):
-            cols = chunk * BLOCK_C + offs_c
-            c_valid = cols < channels
-            if SYNC_SCRATCH:
-                tl.debug_barrier()  # every thread has finished the previous chunk's (or tile's) reads of the scratch
-            for part in tl.static_range(WINDOW_CHUNKS):
-                rows = t0 - (KERNEL_SIZE - 1) + part * BLOCK_T + offs_t
-                # rows before 0 are the conv's left padding, rows at or past the length zero input; rows past the
-                # window's end are never read by a tap, so not loaded either
-                row_valid = (rows >= 0) & (rows < seq_length) & (part * BLOCK_T + offs_t < BLOCK_T + KERNEL_SIZE - 1)
-                mask = row_valid[:, None] & c_valid[None, :]
-                x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
-                value = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
-                gate = tl.load(x_rows + channels, mask=mask, other=0.0).to(tl.float32)
-                tl.store(window_tile + part * BLOCK_T * BLOCK_C, value * tl.sigmoid(gate))
-            if SYNC_SCRATCH:
-                tl.debug_barrier()  # the window is visible to every thread of the program
-
-            acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-            for tap in range(KERNEL_SIZE):
-                glu = tl.load(window_tile + tap * BLOCK_C)
-                # channels past C get weight 0, so their conv rows are exact zeros for the LayerNorm sums
-                tap_weight = tl.load(weight_ptr + tap * channels + cols, mask=c_valid, other=0.0).to(tl.float32)
-                acc += glu * tap_weight[None, :]
-            row_sum += tl.sum(acc, 1)
-            tl.store(conv_tile + chunk * BLOCK_C, acc)
-
-        # pass 2: the centred variance (two-pass: conv rows can have a mean large against their spread)
+        # the centred variance (two-pass: conv rows can have a mean large against their spread)
         mean = row_sum / channels
         if SYNC_SCRATCH:
             tl.debug_barrier()  # the conv rows are visible to every thread
@@ -142,9 +199,14 @@ def _glu_depthwise_conv_kernel(
             centred = tl.where(c_valid[None, :], tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None], 0.0)
             row_sq += tl.sum(centred * centred, 1)
         rstd = 1.0 / tl.sqrt(row_sq / channels + eps)
-
-        # pass 3: normalise, swish, the one store
         out_rows = t0 + offs_t
+        row_valid = out_rows < length
+        # the backward's LayerNorm statistics: 8 bytes a row, against 2C elements of input
+        stats_offset = b.to(tl.int64) * length + out_rows
+        tl.store(mean_ptr + stats_offset, mean, mask=row_valid)
+        tl.store(rstd_ptr + stats_offset, rstd, mask=row_valid)
+
+        # normalise, swish, the one store
         out_base = out_ptr + b.to(tl.int64) * stride_ob + out_rows[:, None].to(tl.int64) * stride_ot
         for chunk in range(num_chunks):
             cols = chunk * BLOCK_C + offs_c
@@ -155,13 +217,200 @@ def _glu_depthwise_conv_kernel(
             y = y + ln_bias[None, :]
             y = y * tl.sigmoid(y)
             tl.store(out_base + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=(out_rows[:, None] < length) & c_valid[None, :])
+                     mask=row_valid[:, None] & c_valid[None, :])
 
 
-# ------------------------------------------------------------------------------------------------ launcher
+@triton.autotune(configs=_norm_backward_configs(), key=["channels", "KERNEL_SIZE"],
+                 reset_to_zero=["dnorm_partial_ptr"])
+@triton.jit
+def _conv_norm_backward_kernel(
+    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, mean_ptr, rstd_ptr, dout_ptr, dconv_ptr,
+    dnorm_partial_ptr, scratch_ptr,
+    stride_xb, stride_xt, stride_db, stride_dt,
+    batch, length, channels, scratch_stride,
+    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
+):
+    """dconv = ∂L/∂(conv output), (B, T, C) fp32, through swish and LayerNorm; this program's partial sums of
+    dgamma (row 0) and dbeta (row 1) of ``dnorm_partial[pid]``. The conv rows are recomputed as the forward does."""
+    WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+    num_chunks = tl.cdiv(channels, BLOCK_C)
+    padded_channels = num_chunks * BLOCK_C
+    num_time_blocks = tl.cdiv(length, BLOCK_T)
+    num_tiles = batch * num_time_blocks
+
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    window = scratch_ptr + pid.to(tl.int64) * scratch_stride
+    window_tile = window + offs_t[:, None] * BLOCK_C + offs_c[None, :]
+    conv_tile = window + WINDOW_ROWS * BLOCK_C + offs_t[:, None] * padded_channels + offs_c[None, :]
+    dgamma_partial = dnorm_partial_ptr + pid.to(tl.int64) * 2 * channels
+    dbeta_partial = dgamma_partial + channels
+
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        b = tile // num_time_blocks
+        t0 = (tile % num_time_blocks) * BLOCK_T
+        seq_length = length
+        if HAS_LENGTHS:
+            seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
+        _conv_rows(x_ptr + b.to(tl.int64) * stride_xb, stride_xt, weight_ptr, window_tile, conv_tile, t0,
+                   seq_length, channels, offs_t, offs_c, KERNEL_SIZE, SYNC_SCRATCH, BLOCK_T, BLOCK_C)
+        rows = t0 + offs_t
+        row_valid = rows < length
+        stats_offset = b.to(tl.int64) * length + rows
+        mean = tl.load(mean_ptr + stats_offset, mask=row_valid, other=0.0)
+        rstd = tl.load(rstd_ptr + stats_offset, mask=row_valid, other=0.0)
+        dout_base = dout_ptr + b.to(tl.int64) * stride_db + rows[:, None].to(tl.int64) * stride_dt
+        if SYNC_SCRATCH:
+            tl.debug_barrier()  # the conv rows are visible to every thread
+
+        # pass 1: the rows' Σ dnorm and Σ dnorm·norm (LayerNorm's backward needs both before any dconv), and the
+        # gamma/beta partials. Rows past T load dout = 0, so they add nothing anywhere.
+        sum_dnorm = tl.zeros([BLOCK_T], dtype=tl.float32)
+        sum_dnorm_norm = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for chunk in range(num_chunks):
+            cols = chunk * BLOCK_C + offs_c
+            c_valid = cols < channels
+            ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            norm = (tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None]) * rstd[:, None]
+            z = norm * ln_weight[None, :] + ln_bias[None, :]
+            sig = tl.sigmoid(z)
+            dout = tl.load(dout_base + cols[None, :], mask=row_valid[:, None] & c_valid[None, :], other=0.0)
+            dz = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
+            dnorm = dz * ln_weight[None, :]  # 0 in channels past C (weight 0)
+            sum_dnorm += tl.sum(dnorm, 1)
+            sum_dnorm_norm += tl.sum(dnorm * norm, 1)
+            dgamma_old = tl.load(dgamma_partial + cols, mask=c_valid, other=0.0)
+            dbeta_old = tl.load(dbeta_partial + cols, mask=c_valid, other=0.0)
+            if SYNC_SCRATCH:
+                tl.debug_barrier()  # a column sum lives in several warps: every copy reads before any writes
+            tl.store(dgamma_partial + cols, dgamma_old + tl.sum(dz * norm, 0), mask=c_valid)
+            tl.store(dbeta_partial + cols, dbeta_old + tl.sum(dz, 0), mask=c_valid)
+        mean_dnorm = sum_dnorm / channels
+        mean_dnorm_norm = sum_dnorm_norm / channels
+
+        # pass 2: dconv = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm)), dnorm recomputed from dout
+        dconv_base = dconv_ptr + (b.to(tl.int64) * length + rows[:, None]) * channels
+        for chunk in range(num_chunks):
+            cols = chunk * BLOCK_C + offs_c
+            c_valid = cols < channels
+            mask = row_valid[:, None] & c_valid[None, :]
+            ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+            norm = (tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None]) * rstd[:, None]
+            z = norm * ln_weight[None, :] + ln_bias[None, :]
+            sig = tl.sigmoid(z)
+            dout = tl.load(dout_base + cols[None, :], mask=mask, other=0.0)
+            dnorm = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig)) * ln_weight[None, :]
+            dconv = rstd[:, None] * (dnorm - mean_dnorm[:, None] - norm * mean_dnorm_norm[:, None])
+            tl.store(dconv_base + cols[None, :], dconv, mask=mask)
+
+
+@triton.autotune(configs=_glu_backward_configs(), key=["channels", "KERNEL_SIZE"],
+                 reset_to_zero=["dweight_partial_ptr"])
+@triton.jit
+def _glu_conv_backward_kernel(
+    x_ptr, weight_ptr, lengths_ptr, dconv_ptr, dx_ptr, dweight_partial_ptr,
+    stride_xb, stride_xt, stride_dxb, stride_dxt,
+    length, channels, splits, rows_per_split,
+    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_PARTIALS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (b · splits + split, chunk) walks input rows [split · rows_per_split, + rows_per_split) of sequence b
+    for one channel chunk: dglu[s] = Σ_k w[k] · dconv[s + K - 1 - k] (the anti-causal conv), dx from the GLU's
+    backward, and Σ_s glu[s] · dconv[s + K - 1 - k] into its own partial dweight[k] (reduced by the launcher)."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid // splits
+    split = pid % splits
+    offs_t = tl.arange(0, BLOCK_T)
+    cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_valid = cols < channels
+    seq_length = length
+    if HAS_LENGTHS:
+        seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
+    x_base = x_ptr + b.to(tl.int64) * stride_xb
+    dx_base = dx_ptr + b.to(tl.int64) * stride_dxb
+    dconv_base = dconv_ptr + b.to(tl.int64) * length * channels
+    partial = dweight_partial_ptr + pid.to(tl.int64) * KERNEL_SIZE * channels + cols
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, length)
+
+    for s0 in range(start, end, BLOCK_T):
+        rows = s0 + offs_t
+        # rows at or past the length were zero input: their GLU is 0 and no gradient reaches x there
+        in_valid = (rows < seq_length)[:, None] & c_valid[None, :]
+        x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
+        value = tl.load(x_rows, mask=in_valid, other=0.0).to(tl.float32)
+        gate_sig = tl.sigmoid(tl.load(x_rows + channels, mask=in_valid, other=0.0).to(tl.float32))
+        glu = value * gate_sig
+        dglu = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for tap in tl.range(KERNEL_SIZE, loop_unroll_factor=1):
+            out_rows = rows + (KERNEL_SIZE - 1 - tap)
+            dconv = tl.load(dconv_base + out_rows[:, None].to(tl.int64) * channels + cols[None, :],
+                            mask=(out_rows < length)[:, None] & c_valid[None, :], other=0.0)
+            tap_weight = tl.load(weight_ptr + tap * channels + cols, mask=c_valid, other=0.0).to(tl.float32)
+            dglu += dconv * tap_weight[None, :]
+            old = tl.load(partial + tap * channels, mask=c_valid, other=0.0)
+            if SYNC_PARTIALS:
+                tl.debug_barrier()  # a column sum lives in several warps: every copy reads before any writes
+            tl.store(partial + tap * channels, old + tl.sum(glu * dconv, 0), mask=c_valid)
+        dvalue = tl.where(in_valid, dglu * gate_sig, 0.0)
+        dgate = dglu * value * gate_sig * (1.0 - gate_sig)  # value is 0 where the input was masked
+        store_mask = (rows < length)[:, None] & c_valid[None, :]
+        dx_rows = dx_base + rows[:, None].to(tl.int64) * stride_dxt + cols[None, :]
+        tl.store(dx_rows, dvalue.to(dx_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(dx_rows + channels, dgate.to(dx_ptr.dtype.element_ty), mask=store_mask)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _sm_count(x):
+    # the interpreter: 3 "SMs", so programs walk several tiles and the persistent loops are exercised
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
+
+
+def _forced(kernel, config):
+    """``config`` (a tuple, see the launchers) → the plain JIT function and its one Config; None → the autotuner."""
+    if config is None:
+        return kernel, kernel.configs, {}
+    chosen = triton.Config(dict(config[0]), num_warps=config[1], num_stages=1)
+    return kernel.fn, [chosen], dict(chosen.kwargs, num_warps=chosen.num_warps, num_stages=1)
+
+
+def _row_kernel_setup(kernel, x, channels, kernel_size, config):
+    """What a row kernel (forward, LayerNorm backward) needs: the kernel to call, its fixed meta-parameters, the grid,
+    the scratch and its per-program stride, and the largest program count any candidate config launches."""
+    batch, length = x.shape[:2]
+    kernel, configs, extra = _forced(kernel, config)
+    sm_count = _sm_count(x) if config is None else config[2]
+    per_sm = {} if config is None else {"PROGRAMS_PER_SM": 1}
+
+    def programs_for(meta):
+        meta = {**meta, **per_sm}
+        return max(1, min(meta["PROGRAMS_PER_SM"] * sm_count, batch * triton.cdiv(length, meta["BLOCK_T"])))
+
+    # sized for whichever config the autotuner picks
+    scratch_stride = max(_scratch_per_program(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_C"], channels, kernel_size)
+                         for c in configs)
+    max_programs = max(programs_for(c.kwargs) for c in configs)
+    scratch = torch.empty(max_programs * scratch_stride, device=x.device, dtype=torch.float32)
+    if config is not None:
+        extra["PROGRAMS_PER_SM"] = 1
+    return kernel, extra, lambda meta: (programs_for(meta),), scratch, scratch_stride, max_programs
+
+
+def _sync_scratch():
+    # the interpreter runs a program's threads in lock step: no barrier needed (nor implemented)
+    return not triton_interpreter_enabled()
+
+
 def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=None):
-    """``out``: a preallocated (B, T, C) buffer (tests pass one filled with NaN); ``config``: (BLOCK_T, BLOCK_C,
-    num_warps, programs) to force a tiling instead of the autotuned one (tests run several)."""
+    """The forward: returns (out (B, T, C) in x's dtype, mean, rstd (B, T) fp32). ``out``: a preallocated buffer
+    (tests pass one filled with NaN); ``config``: ({"BLOCK_T": .., "BLOCK_C": ..}, num_warps, programs) to force a
+    tiling instead of the autotuned one (tests run every candidate)."""
     batch, length, two_channels = x.shape
     channels = two_channels // 2
     kernel_size = conv_weight.shape[-1]
@@ -171,55 +420,122 @@ def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=N
     weight = conv_weight.reshape(channels, kernel_size).t().contiguous()
     if out is None:
         out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
-    if x.is_cuda:
-        sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        sm_count = 3  # the interpreter: several tiles per program, so the persistent loop is exercised
-
-    if config is not None:
-        block_t, block_c, num_warps, programs = config
-        kernel = _glu_depthwise_conv_kernel.fn
-        configs = [triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": 1}, num_warps=num_warps)]
-        sm_count = programs
-    else:
-        kernel = _glu_depthwise_conv_kernel
-        configs = _glu_depthwise_conv_kernel.configs
-
-    def programs_for(meta):
-        return max(1, min(meta["PROGRAMS_PER_SM"] * sm_count, batch * triton.cdiv(length, meta["BLOCK_T"])))
-
-    # sized for whichever config the autotuner picks
-    scratch_stride = max(_scratch_per_program(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_C"], channels, kernel_size)
-                         for c in configs)
-    max_programs = max(programs_for(c.kwargs) for c in configs)
-    scratch = torch.empty(max_programs * scratch_stride, device=x.device, dtype=torch.float32)
-    extra = {}
-    if config is not None:
-        extra = dict(configs[0].kwargs, num_warps=configs[0].num_warps)
-    kernel[lambda meta: (programs_for(meta),)](
-        x, weight, ln_weight, ln_bias, lengths if lengths is not None else x, out, scratch,
+    mean = torch.empty(batch, length, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(batch, length, device=x.device, dtype=torch.float32)
+    kernel, extra, grid, scratch, scratch_stride, _ = _row_kernel_setup(
+        _glu_depthwise_conv_kernel, x, channels, kernel_size, config)
+    kernel[grid](
+        x, weight, ln_weight, ln_bias, lengths if lengths is not None else x, out, mean, rstd, scratch,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         batch, length, channels, float(eps), scratch_stride,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None,
-        # the interpreter runs a program's threads in lock step: no barrier needed (nor implemented)
-        SYNC_SCRATCH=not triton_interpreter_enabled(),
-        **extra,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_SCRATCH=_sync_scratch(), **extra,
     )
-    return out
+    return out, mean, rstd
 
 
-# ---------------------------------------------------------------------------------------- torch.library op
+def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx=None, dconv=None,
+                     norm_config=None, glu_config=None):
+    """Gradients of x (B, T, 2C, x's dtype), conv_weight, ln_weight, ln_bias (each in its own dtype).
+
+    Two kernels: the LayerNorm backward writes dconv = ∂L/∂(conv output) (fp32, (B, T, C): the only intermediate,
+    freed on return) and per-program dgamma/dbeta partials; the GLU/conv backward reads it to write dx and per-program
+    dweight partials. ``dx``/``dconv``: preallocated buffers (tests fill them with NaN); ``norm_config``: as
+    ``_launch``'s ``config``; ``glu_config``: ({"BLOCK_T": .., "BLOCK_C": ..}, num_warps, target programs)."""
+    batch, length, two_channels = x.shape
+    channels = two_channels // 2
+    kernel_size = conv_weight.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    weight = conv_weight.reshape(channels, kernel_size).t().contiguous()
+    has_lengths = lengths is not None
+    lengths_arg = lengths if has_lengths else x
+    if dconv is None:
+        dconv = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
+    if dx is None:
+        dx = torch.empty(batch, length, two_channels, device=x.device, dtype=x.dtype)
+
+    kernel, extra, grid, scratch, scratch_stride, max_programs = _row_kernel_setup(
+        _conv_norm_backward_kernel, x, channels, kernel_size, norm_config)
+    dnorm_partial = torch.zeros(max_programs, 2, channels, device=x.device, dtype=torch.float32)
+    kernel[grid](
+        x, weight, ln_weight, ln_bias, lengths_arg, mean, rstd, dout, dconv, dnorm_partial, scratch,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+        batch, length, channels, scratch_stride,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=has_lengths, SYNC_SCRATCH=_sync_scratch(), **extra,
+    )
+
+    kernel, configs, extra = _forced(_glu_conv_backward_kernel, glu_config)
+    target_programs = (4 * _sm_count(x)) if glu_config is None else glu_config[2]
+    # Time is split so that (batch × splits × channel chunks) programs fill the device; each split is a whole number
+    # of every candidate's BLOCK_T (all powers of two), so the split does not depend on the config picked.
+    row_align = max(c.kwargs["BLOCK_T"] for c in configs)
+    chunks = triton.cdiv(channels, max(c.kwargs["BLOCK_C"] for c in configs))
+    splits = max(1, min(triton.cdiv(length, row_align), triton.cdiv(target_programs, batch * chunks)))
+    rows_per_split = triton.cdiv(triton.cdiv(length, splits), row_align) * row_align
+    splits = triton.cdiv(length, rows_per_split)
+    # one (K, C) slab per (sequence, split): a program writes only its own chunk's columns of it
+    dweight_partial = torch.zeros(batch * splits, kernel_size, channels, device=x.device, dtype=torch.float32)
+    kernel[lambda meta: (batch * splits, triton.cdiv(channels, meta["BLOCK_C"]))](
+        x, weight, lengths_arg, dconv, dx, dweight_partial,
+        x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+        length, channels, splits, rows_per_split,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=has_lengths, SYNC_PARTIALS=_sync_scratch(), **extra,
+    )
+    dweight = dweight_partial.sum(0).t().contiguous().reshape(channels, 1, kernel_size).to(conv_weight.dtype)
+    # two sums, not two views of one: a custom op's outputs must not alias each other
+    dgamma = dnorm_partial[:, 0].sum(0).to(ln_weight.dtype)
+    dbeta = dnorm_partial[:, 1].sum(0).to(ln_bias.dtype)
+    return dx, dweight, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("w2vbert_fast::glu_depthwise_conv", mutates_args=())
 def _glu_depthwise_conv_op(
     x: torch.Tensor, conv_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
     lengths: Optional[torch.Tensor],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths)
 
 
 @_glu_depthwise_conv_op.register_fake
 def _(x, conv_weight, ln_weight, ln_bias, eps, lengths):
-    return x.new_empty(x.shape[0], x.shape[1], x.shape[2] // 2)
+    batch, length = x.shape[:2]
+    stats = x.new_empty(batch, length, dtype=torch.float32)
+    return x.new_empty(batch, length, x.shape[2] // 2), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("w2vbert_fast::glu_depthwise_conv_backward", mutates_args=())
+def _glu_depthwise_conv_backward_op(
+    dout: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    lengths: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd)
+
+
+@_glu_depthwise_conv_backward_op.register_fake
+def _(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd):
+    # contiguous, as the launcher allocates them (empty_like would copy a permuted x's strides)
+    return tuple(t.new_empty(t.shape) for t in (x, conv_weight, ln_weight, ln_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, conv_weight, ln_weight, ln_bias, _, lengths = inputs
+    _, mean, rstd = output
+    # O(B·T·C): the input and two floats a row; the conv rows are recomputed in the backward
+    ctx.save_for_backward(x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dout, _dmean, _drstd):
+    x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd = ctx.saved_tensors
+    dx, dweight, dgamma, dbeta = _glu_depthwise_conv_backward_op(dout, x, conv_weight, ln_weight, ln_bias, lengths,
+                                                                 mean, rstd)
+    return dx, dweight, dgamma, dbeta, None, None
+
+
+_glu_depthwise_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -259,12 +575,16 @@ def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
     integer lengths: positions at or past a sequence's length are zero input to the conv (rows past the length are
     still computed, as transformers does). Math in fp32; the result in x's dtype.
 
-    The Triton kernel is forward only: when autograd needs gradients, the PyTorch reference runs instead.
+    Differentiable with respect to x, conv_weight, ln_weight and ln_bias on every backend; the kernels run forward
+    and backward (saving x and two floats a row, nothing else). Under torch.autocast x may be half precision while
+    the weights stay fp32: each gradient comes back in its input's dtype. T = 0 gives an empty (B, 0, C) result.
     """
     _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv_weight, ln_weight, ln_bias))
-    if use_triton(x, conv_weight) and not needs_grad and x.numel() > 0:
+    if x.numel() == 0:
+        # nothing to convolve (F.conv1d would reject the padded empty sequence); still connected to x for autograd
+        return F.glu(x, dim=-1)
+    if use_triton(x, conv_weight):
         if lengths is not None:
             lengths = lengths.to(torch.int32)
-        return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths)
+        return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths)[0]
     return glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths)
