@@ -135,10 +135,14 @@ def test_ctc_step_matches_transformers_under_torch_compile(backend, backend_name
     assert_step_matches((step[0], {k.removeprefix("_orig_mod."): g for k, g in step[1].items()}), reference)
 
 
-def test_standalone_ctc_step_compiles_in_one_graph(backend):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_standalone_ctc_step_compiles_in_one_graph(backend, checkpointing):
+    # checkpointed: dynamo traces torch.utils.checkpoint with the Padding dataclass among its arguments
     backend("triton")
     hf = ctc_model(num_hidden_layers=1)
     ours = our_model_like(hf).train().to(DEVICE)
+    if checkpointing:
+        ours.gradient_checkpointing_enable()
     features, mask, labels = ctc_batch(hf.config)
     compiled = torch.compile(ours.wav2vec2_bert, backend="aot_eager", fullgraph=True)
     hidden = compiled(features.to(DEVICE), attention_mask=mask.to(DEVICE)).last_hidden_state
