@@ -6,7 +6,9 @@ random weights seeded with ``torch.manual_seed(0)`` (no download), bf16, B = 8 c
 is the PyTorch reference (the ``auto`` backend), not a claim.
 
 * ``encoder``: input features → last hidden state. transformers eager, transformers sdpa (the reference),
-  torch.compile of the transformers model, ours, ours under torch.compile (the compiled ones on a GPU only).
+  torch.compile of the transformers model, ours, ours under torch.compile (``fullgraph=True``: the masked
+  forward has no graph break), ours replayed from a CUDA graph captured for the batch's shape (the compiled and
+  graphed ones on a GPU only).
   Each result records ms, hours of audio per second, TFLOP/s and MFU (model FLOPs, see :func:`encoder_flops`, over
   the time, over the measured bf16 matmul rate of the same GPU) and peak memory.
 * ``waveform to hidden state``: the same with feature extraction in the timed call: transformers'
@@ -123,31 +125,59 @@ def build(contender: str):
                     "nothing here)")
     if "transformers" in contender:
         model = transformers_model("eager" if "eager" in contender else "sdpa")
-    else:
-        model = our_model()
-    return torch.compile(model) if compiled else model
+        return torch.compile(model) if compiled else model
+    model = our_model()
+    return torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
 
 
 def last_hidden_state(model):
     return lambda input_features, attention_mask: model(input_features, attention_mask=attention_mask).last_hidden_state
 
 
+def cuda_graphed(model, input_features, attention_mask):
+    """``model``'s masked forward captured once into a CUDA graph for this shape; each call copies its inputs into
+    the captured buffers and replays (no Python, no launch overhead). The mask is an input like any other: its
+    values are read on the device only, so one graph serves every mask of the shape."""
+    static_features, static_mask = input_features.clone(), attention_mask.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: the autotuners pick their configs here
+        for _ in range(2):
+            model(static_features, attention_mask=static_mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_features, attention_mask=static_mask).last_hidden_state
+
+    def run(input_features, attention_mask):
+        static_features.copy_(input_features)
+        static_mask.copy_(attention_mask)
+        graph.replay()
+        return static_out
+
+    return run
+
+
 ROLES = {"transformers sdpa": "reference"}
 CONTENDERS = ["transformers eager", "transformers sdpa", "torch.compile(transformers sdpa)", "ours",
-              "torch.compile(ours)"]
+              "torch.compile(ours)", "ours + CUDA graph"]
 CASE = f"encoder B{BATCH} x {CLIP_SECONDS:g} s"
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_encoder(measure, contender):
-    model = build(contender)
+    graphed = contender.endswith("CUDA graph")
+    if graphed and not ON_GPU:
+        pytest.skip("CUDA graphs need a CUDA GPU (no GPU on this machine)")
+    model = build("ours" if graphed else contender)
     inputs = [features([speech_like_audio(CLIP_SECONDS, seed=BATCH * r + b) for b in range(BATCH)])
               for r in range(ROTATIONS)]
     frames = inputs[0][0].shape[1]
     assert frames == frames_for(CLIP_SECONDS)
     with torch.inference_mode():
+        fn = cuda_graphed(model, *inputs[0]) if graphed else last_hidden_state(model)
         measure(
-            last_hidden_state(model), inputs, case=CASE, contender=contender,
+            fn, inputs, case=CASE, contender=contender,
             flops=encoder_flops(BATCH, frames), peak_tflops=matmul_tflops(DTYPE),
             warmup=sizes(5, 1), repeats=sizes(20, 4), audio_seconds=BATCH * CLIP_SECONDS, batch=BATCH,
             frames=frames, dtype=str(DTYPE).removeprefix("torch."), **({"role": ROLES[contender]} if contender in ROLES else {}),

@@ -168,6 +168,12 @@ def bench(args):
               "the package):\n  git clone … && cd w2vbert_fast && pip install -e '.[test]' && "
               "python -m w2vbert_fast bench", file=sys.stderr)
         return 2
+    if args.budget_s is not None:
+        import runpy
+
+        campaign = runpy.run_path(os.path.join(benchmarks, "campaign.py"), run_name="w2vbert_fast_campaign")
+        out = ["--out", args.out] if args.out else []
+        return campaign["main"](["--budget-s", str(args.budget_s), *out, *args.pytest_args])
     on_gpu = torch.cuda.is_available()
     json_path = args.json
     if json_path is None:
@@ -275,7 +281,13 @@ def build_parser():
                                         "benchmarks/report.py. On a GPU the JSON goes to benchmarks/results/ and "
                                         "RESULTS.md is regenerated; on a CPU it is a smoke run printed to stdout.")
     p.add_argument("--json", help="where to write the pytest-benchmark JSON")
-    p.epilog = "Any other argument goes to pytest, e.g. `bench -k encoder`."
+    p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                   help="the one-call campaign instead (benchmarks/campaign.py): GPU-only tests, then the "
+                        "benchmarks in priority order, within SECONDS; JSON written after each case")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="with --budget-s: the results folder (default $OUT, else benchmarks/results/campaign-…)")
+    p.epilog = ("Any other argument goes to pytest, e.g. `bench -k encoder`; with --budget-s, to "
+                "benchmarks/campaign.py, e.g. `--cases encoder,long-audio`.")
     p.set_defaults(handler=bench)
     return parser
 
