@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo.testing
 from conftest import FP32_ATOL, requires_cuda
 from model_helpers import DEVICE, max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
@@ -85,6 +86,23 @@ def test_a_new_mask_of_the_same_shape_reuses_the_compiled_graph(backend):
         ref = hf(features, attention_mask=other).last_hidden_state
     assert counter.frame_count == 1
     assert max_diff_on_valid(out, ref, [7, 7, 7]) <= FP32_ATOL
+
+
+def test_value_checks_are_off_while_compiling_and_follow_the_validate_flag_eagerly(monkeypatch):
+    from w2vbert_fast.ops._backend import checks_values
+
+    def checked(x):
+        return x + (1 if checks_values(x) else 0)
+
+    x = torch.zeros(2)
+    compiled = torch.compile(checked, backend="eager", fullgraph=True)
+    assert checked(x).tolist() == [1, 1]  # auto on a CPU tensor: free, so on
+    assert compiled(x).tolist() == [0, 0]  # compiling: a data-dependent read would break the graph
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    assert checked(x).tolist() == [0, 0]
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "1")
+    torch._dynamo.reset()
+    assert checked(x).tolist() == [1, 1] and compiled(x).tolist() == [0, 0]
 
 
 # ----------------------------------------------------------------------------------------------- GPU only
