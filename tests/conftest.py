@@ -20,6 +20,9 @@ if HAS_CUDA:
 
 # Absolute tolerance against transformers / the fp32 reference, for outputs computed in fp32.
 FP32_ATOL = 1e-4
+# Gradients (sums over up to L terms, of any magnitude) computed in fp32, by relative error norm against an fp64
+# reference.
+FP32_GRAD_RTOL = 1e-5
 # Half precision is judged by relative error norm against an fp32 reference: ours may be at most
 # HALF_ERROR_FACTOR times the error of the same computation done by PyTorch in that dtype, plus a floor.
 HALF_ERROR_FACTOR = 2.0
