@@ -284,4 +284,5 @@ def test_training_step_saves_no_tensor_of_length_squared(backend, backend_name):
     patched = w2vbert_fast.optimize(ctc_model(**NARROW))
     saved = saved_in_step(patched, *ctc_batch(patched.config, L2_LENGTHS), device=DEVICE)
     length = max(L2_LENGTHS)
-    assert saved.largest < length * length, f"a tensor of {saved.largest:,} elements (L² = {length * length:,}) was saved"
+    assert saved.largest < length * length, \
+        f"a tensor of {saved.largest:,} elements (L² = {length * length:,}) was saved for backward"
