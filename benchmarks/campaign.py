@@ -152,12 +152,14 @@ def _ms(row):
     return None if row is None or row.get("oom") else row.get("median_ms")
 
 
-def _find(cases, case_start, contender_start):
+def _find(cases, case_start, contender):
+    """The row of ``contender`` (its exact name, else the first name starting with it) in the first case whose
+    name starts with ``case_start``."""
     for case, rows in cases.items():
         if case.startswith(case_start):
-            for contender, row in rows.items():
-                if contender.startswith(contender_start):
-                    return row
+            if contender in rows:
+                return rows[contender]
+            return next((row for name, row in rows.items() if name.startswith(contender)), None)
     return None
 
 

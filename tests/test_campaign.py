@@ -93,3 +93,31 @@ def test_unknown_case_is_a_usage_error():
     campaign = load("campaign")
     with pytest.raises(SystemExit):
         campaign.main(["--budget-s", "5", "--cases", "nonsense"])
+
+
+def test_summary_judges_each_target_from_the_rows_it_names():
+    campaign = load("campaign")
+
+    def row(case, contender, ms, **extra):
+        return {"extra_info": dict(case=case, contender=contender, median_ms=ms, **extra), "stats": {"median": ms}}
+
+    attention = "rel_key_attention core B16-L1500"
+    document = {"benchmarks": [
+        row(attention, "ours", 1.0),
+        row(attention, "transformers bias + sdpa", 5.0),  # 5x: met (>= 4)
+        row(attention, "sdpa, no bias (ceiling)", 0.5),  # 0.5x: missed (>= 0.8)
+        row("encoder B8 x 30 s", "ours + CUDA graph", 90.0),  # listed first: "ours" must still find "ours"
+        row("encoder B8 x 30 s", "ours", 100.0, mfu=0.55),
+        row("long audio 60 min", "ours", 20000.0),  # 20 s: missed (<= 15 s)
+    ]}
+    verdicts = {}
+    for _, name, value, bound, higher, _ in campaign.targets(campaign.rows_by_case(document)):
+        verdicts[name] = (value, None if value is None else (value >= bound if higher else value <= bound))
+    assert verdicts["attention L=1500 vs transformers bias + sdpa"] == (5.0, True)
+    assert verdicts["attention L=1500 vs SDPA without bias (ceiling)"] == (0.5, False)
+    assert verdicts["attention L=1500 vs FlexAttention"] == (None, None)
+    assert verdicts["encoder MFU"] == (0.55, True)
+    assert verdicts["encoder: ours + CUDA graph vs ours"] == (100.0 / 90.0, True)
+    assert verdicts["long audio, 60 min in seconds"] == (20.0, False)
+    text = campaign.summary([], document, 480, 100, {"device": "test"})
+    assert "MISSED" in text and "not measured" in text
