@@ -286,3 +286,27 @@ def test_training_step_saves_no_tensor_of_length_squared(backend, backend_name):
     length = max(L2_LENGTHS)
     assert saved.largest < length * length, \
         f"a tensor of {saved.largest:,} elements (L² = {length * length:,}) was saved for backward"
+
+
+def autograd_node_names(tensor) -> set:
+    names, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_training_step_differentiates_through_both_kernels(backend):
+    # under the triton backend the gradients come from the ops' registered backward, not from autograd through the
+    # PyTorch references (whose graph would hold matmul/softmax/conv nodes in their place)
+    backend("triton")
+    patched = w2vbert_fast.optimize(ctc_model(num_hidden_layers=1)).to(DEVICE)
+    features, mask, labels = ctc_batch(patched.config)
+    loss = patched(features.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE)).loss
+    names = " ".join(autograd_node_names(loss))
+    for op in ("w2vbert_fast_rel_key_attention", "w2vbert_fast_glu_depthwise_conv"):
+        assert op in names, f"no backward node of the {op} op in the training step's autograd graph"
