@@ -71,6 +71,21 @@ def test_masked_forward_traces_through_the_kernels_custom_ops_in_one_graph(backe
     assert max_diff_on_valid(out, ref, LENGTHS) <= FP32_ATOL
 
 
+@pytest.mark.parametrize("kind", ["standalone", "patched"])
+def test_adapter_model_with_a_mask_traces_in_one_graph(backend, kind):
+    """The adapter builds its Padding from sub-sampled lengths on the device too."""
+    backend("auto")
+    hf = transformers_model(num_hidden_layers=1, add_adapter=True, num_adapter_layers=2)
+    model = our_model_like(hf) if kind == "standalone" else w2vbert_fast.optimize(copy.deepcopy(hf))
+    features, mask = inputs(hf, True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        out = compiled(features, attention_mask=mask).last_hidden_state
+        ref = hf(features, attention_mask=mask).last_hidden_state
+    out_lengths = hf._get_feat_extract_output_lengths(torch.tensor(LENGTHS)).tolist()
+    assert max_diff_on_valid(out, ref, out_lengths) <= FP32_ATOL
+
+
 def test_a_new_mask_of_the_same_shape_reuses_the_compiled_graph(backend):
     """The mask's values are data, not guards: other lengths at the same shape do not recompile."""
     backend("auto")
