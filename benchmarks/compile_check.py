@@ -428,6 +428,11 @@ def occupancy(registers, smem_bytes, num_warps, target):
     return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps, limited_by=limited_by)
 
 
+def _worker_init():
+    """Import torch, triton and the kernel modules once per worker, so compile_s times the compile alone."""
+    _ops_modules()
+
+
 def _compile_one(task):
     """Worker: compile one (kernel, target, dtype, shape, config); never raises."""
     key, target, dtype, shape, config = task
@@ -536,13 +541,14 @@ def run(tasks, jobs):
     try:
         context = multiprocessing.get_context("spawn")
         records = []
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
             for record in pool.map(_compile_one, tasks):
                 records.append(record)
                 print(f"[{len(records)}/{len(tasks)}] {record['kernel']} {record['target']} {record['dtype']} "
                       f"{record['shape']} {_config_label(record['config'])}: "
-                      f"{'ok' if record['ok'] else 'compile error'} ({record['compile_s']} s)", file=sys.stderr,
-                      flush=True)
+                      + (f"{record['registers']} regs, spill {record['spill_stores']}/{record['spill_loads']} B, "
+                         f"smem {record['shared_bytes'] / 1024:.1f} KB" if record["ok"] else "compile error")
+                      + f" ({record['compile_s']} s)", file=sys.stderr, flush=True)
         return records
     finally:
         for k, v in saved.items():
@@ -642,6 +648,8 @@ def main(argv=None):
                         help="keep the records of the kernels not selected by --kernels from the existing --out file")
     args = parser.parse_args(argv)
     previous = None
+    if args.update and not args.kernels:
+        parser.error("--update reruns the kernels named by --kernels: name some")
     if args.update:
         import triton
 
@@ -649,6 +657,9 @@ def main(argv=None):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
     result = check(args.plan, args.jobs, args.kernels, previous)
+    if previous is not None:
+        result["compile_check"]["plan"] = (f"{previous['compile_check']['plan']}; {args.plan} for "
+                                           f"{', '.join(args.kernels)} (rerun at {result['compile_check']['commit']})")
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"compile-{result['compile_check']['triton']}.json")
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
