@@ -481,19 +481,14 @@ class Wav2Vec2BertEncoder(nn.Module):
         positions = self.embed_positions(hidden_states) if self.embed_positions is not None else None
         all_hidden_states = []
         layerdrop = self.config.layerdrop if self.training else 0.0
-        # transformers before its GradientCheckpointingLayer (< 4.52) keeps the checkpointing flag on the encoder
-        checkpoint_here = getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if layerdrop > 0.0 and torch.rand([]) < layerdrop:
                 continue
-            if checkpoint_here and not hasattr(layer, "gradient_checkpointing"):
-                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, padding, positions)
-            else:
-                # nn.Module.__call__, not the layer's own: transformers 5.0-5.1x checkpoints in
-                # GradientCheckpointingLayer.__call__, and our forward checkpoints already (twice = two recomputes)
-                hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions)
+            # nn.Module.__call__, not the layer's own: transformers up to 5.1x checkpoints in
+            # GradientCheckpointingLayer.__call__, and our forward checkpoints already (twice = two recomputes)
+            hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         return EncoderOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None)
