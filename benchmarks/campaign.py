@@ -101,13 +101,18 @@ def run_case(case, index, out, timeout_s, env, python=sys.executable):
             os.killpg(process.pid, signal.SIGKILL)  # the results so far are on disk already
             process.wait()
             rc, status = None, "timeout"
-    tests = [r for r in read_jsonl(jsonl) if r.get("type") == "test"]
+    records = read_jsonl(jsonl)
+    tests = [r for r in records if r.get("type") == "test"]
+    ended = {r["nodeid"] for r in tests}
+    running = [r["nodeid"] for r in records if r.get("type") == "start" and r["nodeid"] not in ended]
     counts = {}
     for r in tests:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     return {"case": case.name, "what": case.what, "status": status, "rc": rc,
             "wall_s": round(time.monotonic() - start, 2), "timeout_s": round(timeout_s, 2), "tests": counts,
-            "failed": [r["nodeid"] for r in tests if r["outcome"] == "failed"], "log": os.path.basename(stem) + ".log"}
+            "failed": [r["nodeid"] for r in tests if r["outcome"] == "failed"],
+            "killed_in": running[-1] if status == "timeout" and running else None,
+            "log": os.path.basename(stem) + ".log"}
 
 
 def case_environment(autotune_max_configs):
@@ -205,6 +210,8 @@ def summary(statuses, document, budget_s, elapsed_s, environment):
         lines.append(f"{s['case']:<18} {s['status']:<16} {s.get('wall_s', 0):>7.1f}  {counts}")
         for nodeid in s.get("failed", [])[:5]:
             lines.append(f"{'':<18} FAILED {nodeid}")
+        if s.get("killed_in"):
+            lines.append(f"{'':<18} stopped in {s['killed_in']}")
     lines += ["", f"{'issue':<6}{'target':<50}{'measured':>12}{'bound':>10}  verdict"]
     for issue, name, value, bound, higher, unit in targets(rows_by_case(document)):
         if value is None:

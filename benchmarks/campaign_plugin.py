@@ -84,6 +84,14 @@ def benchmark_record(item):
     return record
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A line as each test starts: when a case is killed, the test it was in is the last one started, not ended."""
+    path = item.config.getoption("--campaign-jsonl")
+    if path is not None:
+        append_line(path, {"type": "start", "nodeid": item.nodeid, "time": time.time()})
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -52,6 +52,7 @@ def test_a_case_past_its_timeout_is_killed_and_keeps_what_it_finished(tmp_path):
     status = campaign.run_case(case, 1, str(out), timeout, campaign.case_environment(2))
     wall = time.monotonic() - start
     assert status["status"] == "timeout" and status["rc"] is None
+    assert status["killed_in"].endswith("::test_hangs")
     assert wall < timeout + 10, f"the case ran {wall:.0f} s past a {timeout:.0f} s timeout"
     records = campaign.read_jsonl(str(out / "01-smoke.jsonl"))
     tests = [r["nodeid"].split("::")[-1] for r in records if r["type"] == "test"]
