@@ -78,29 +78,30 @@ def _autotune_configs(interpreted=None):
         return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4, num_stages=1)]
     # 16 resident warps per SM (PROGRAMS_PER_SM × num_warps; 4-8 before): a streaming kernel needs them to hide HBM
     # latency. The window is filled one BLOCK_T slice at a time and the taps loop is not unrolled, so only the
-    # accumulator and one slice are live: 64-125 registers a thread, no spills, on sm_90 and sm_80, triton 3.6 and
-    # 3.9, bf16/fp16/fp32 (16-row tiles take 152-156 on triton 3.6, and spill in fp32 on sm_80: not offered).
-    # The GLU window (BLOCK_T + K - 1 rows × BLOCK_C × 4 bytes, 10-20 KiB) stays in L1; the row buffers
+    # accumulator and one slice are live: 40-72 registers a thread and no spill on sm_90 and sm_80, triton 3.6 and
+    # 3.9, bf16/fp16/fp32 (benchmarks/compile_check.py). Other shapes tried (8 × 128 on 4 or 8 warps, 8 × 256,
+    # 16 × 64, 16 × 32) each had a config × target × dtype where ptxas spilled a few bytes: not offered.
+    # The GLU window (BLOCK_T + K - 1 rows × BLOCK_C × 4 bytes, 5-10 KiB) stays in L1; the row buffers
     # (BLOCK_T × C × 4 bytes per program, 32 rows per SM) total 17 MiB at C = 1024 on 132 SMs, inside the L2, so
     # the scratch is not written back to DRAM.
     return [
         triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps,
                       num_stages=1)
         for block_t, block_c, warps, per_sm in [
-            (8, 64, 4, 4), (8, 128, 4, 4), (8, 64, 2, 8), (8, 128, 8, 2),
+            (8, 64, 4, 4), (8, 32, 2, 8),
         ]
     ]
 
 
 def _norm_backward_configs(interpreted=None):
     """Tilings of the LayerNorm backward (a row kernel like the forward, with more live tiles: norm, z, sigmoid,
-    dout, dnorm): only the two that stay at ≤ 128 registers on sm_90 and sm_80 (16 resident warps). The others
-    of the forward's list take 160-254."""
+    dout, dnorm): ≤ 128 registers and no spill on sm_90 and sm_80 in bf16, fp16 and fp32 (16-28 resident warps).
+    Left out, for a few bytes of spill ptxas chose on sm_80: 128 columns on 8 warps, 32 or 64 on 2 warps."""
     if triton_interpreter_enabled() if interpreted is None else interpreted:
         return _autotune_configs(interpreted=True)
     return [
         triton.Config({"BLOCK_T": 8, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=1)
-        for block_c, warps, per_sm in [(64, 4, 4), (128, 8, 2)]
+        for block_c, warps, per_sm in [(64, 4, 4), (128, 4, 4), (256, 8, 2)]
     ]
 
 
@@ -266,8 +267,8 @@ def _conv_norm_backward_kernel(
         if SYNC_SCRATCH:
             tl.debug_barrier()  # the conv rows are visible to every thread
 
-        # pass 1: the rows' Σ dnorm and Σ dnorm·norm (LayerNorm's backward needs both before any dconv), and the
-        # gamma/beta partials. Rows past T load dout = 0, so they add nothing anywhere.
+        # pass 1: the rows' Σ dnorm and Σ dnorm·norm (LayerNorm's backward needs both before any dconv). Rows past
+        # T load dout = 0, so they add nothing anywhere.
         sum_dnorm = tl.zeros([BLOCK_T], dtype=tl.float32)
         sum_dnorm_norm = tl.zeros([BLOCK_T], dtype=tl.float32)
         for chunk in range(num_chunks):
@@ -283,16 +284,11 @@ def _conv_norm_backward_kernel(
             dnorm = dz * ln_weight[None, :]  # 0 in channels past C (weight 0)
             sum_dnorm += tl.sum(dnorm, 1)
             sum_dnorm_norm += tl.sum(dnorm * norm, 1)
-            dgamma_old = tl.load(dgamma_partial + cols, mask=c_valid, other=0.0)
-            dbeta_old = tl.load(dbeta_partial + cols, mask=c_valid, other=0.0)
-            if SYNC_SCRATCH:
-                tl.debug_barrier()  # a column sum lives in several warps: every copy reads before any writes
-            tl.store(dgamma_partial + cols, dgamma_old + tl.sum(dz * norm, 0), mask=c_valid)
-            tl.store(dbeta_partial + cols, dbeta_old + tl.sum(dz, 0), mask=c_valid)
         mean_dnorm = sum_dnorm / channels
         mean_dnorm_norm = sum_dnorm_norm / channels
 
-        # pass 2: dconv = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm)), dnorm recomputed from dout
+        # pass 2: dconv = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm)), dnorm recomputed from dout;
+        # the gamma/beta partials
         dconv_base = dconv_ptr + (b.to(tl.int64) * length + rows[:, None]) * channels
         for chunk in range(num_chunks):
             cols = chunk * BLOCK_C + offs_c
@@ -304,9 +300,17 @@ def _conv_norm_backward_kernel(
             z = norm * ln_weight[None, :] + ln_bias[None, :]
             sig = tl.sigmoid(z)
             dout = tl.load(dout_base + cols[None, :], mask=mask, other=0.0)
-            dnorm = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig)) * ln_weight[None, :]
+            dz = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
+            dnorm = dz * ln_weight[None, :]
             dconv = rstd[:, None] * (dnorm - mean_dnorm[:, None] - norm * mean_dnorm_norm[:, None])
             tl.store(dconv_base + cols[None, :], dconv, mask=mask)
+            # the gamma/beta partials here rather than in pass 1: fewer values live there (sm_80 spilled)
+            dgamma_old = tl.load(dgamma_partial + cols, mask=c_valid, other=0.0)
+            dbeta_old = tl.load(dbeta_partial + cols, mask=c_valid, other=0.0)
+            if SYNC_SCRATCH:
+                tl.debug_barrier()  # a column sum lives in several warps: every copy reads before any writes
+            tl.store(dgamma_partial + cols, dgamma_old + tl.sum(dz * norm, 0), mask=c_valid)
+            tl.store(dbeta_partial + cols, dbeta_old + tl.sum(dz, 0), mask=c_valid)
 
 
 @triton.autotune(configs=_glu_backward_configs(), key=["channels", "KERNEL_SIZE"],
