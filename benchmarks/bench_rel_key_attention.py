@@ -8,8 +8,12 @@ Two cases per length, ~24k tokens per batch on a GPU (bf16, 16 heads × 64, left
   beat. TFLOP/s counts 4·B·H·L²·D.
 * ``self-attention module``: hidden states → output, projections included, transformers' own module in its eager
   and sdpa attention against ours with the same weights.
+* ``rel_key_attention forward+backward``: one training step of the core (q, k, v, E → out, then dq, dk, dv, dE
+  from a fixed output gradient). Ours; transformers' math (bias + SDPA, the gradient flowing through the B×H×L×L
+  bias); SDPA forward+backward with no bias, the ceiling. TFLOP/s counts 14·B·H·L²·D (forward 4, backward 10:
+  flash-attention-2's convention), at L = 1,500 (30 s of audio) on a GPU.
 
-On a CPU the sizes are tiny and "ours" is the PyTorch reference (the ``auto`` backend): a smoke run, not a claim.
+On a CPU the sizes are tiny and "ours" is the chunked CPU path (the ``auto`` backend): a smoke run, not a claim.
 """
 
 import pytest
@@ -146,3 +150,43 @@ def test_self_attention_module(measure, shape, contender):
             contender=contender, flops=4 * batch * HEADS * length * length * HEAD_DIM, batch=batch, length=length,
             **extra,
         )
+
+
+# ------------------------------------------------------------------------------------- forward + backward
+TRAIN_SHAPES = [(8, 1500)] if ON_GPU else [(1, 64)]  # (batch, length)
+
+
+def training_inputs(batch, length, seed):
+    q, k, v, table = attention_inputs(batch, length, seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed + 100)
+    grad_out = torch.randn(batch, length, HEADS * HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=generator)
+    return tuple(t.detach().requires_grad_(True) for t in (q, k, v, table)) + (grad_out,)
+
+
+def backward_of(forward):
+    def step(q, k, v, table, grad_out):
+        out = forward(q, k, v, table)
+        if out.dim() == 4:  # SDPA's (B, H, L, D)
+            out = out.transpose(1, 2).reshape(grad_out.shape)
+        return torch.autograd.grad(out, (q, k, v, table), grad_out, allow_unused=True)
+
+    return step
+
+
+TRAIN_CONTENDERS = {
+    "ours": (backward_of(ours), {}),
+    "transformers bias + sdpa": (backward_of(transformers_bias_sdpa), {"role": "reference"}),
+    "sdpa, no bias (ceiling)": (backward_of(sdpa_without_bias), {"role": "ceiling"}),
+}
+
+
+@pytest.mark.parametrize("contender", list(TRAIN_CONTENDERS))
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=shape_id)
+def test_rel_key_attention_forward_backward(measure, shape, contender):
+    batch, length = shape
+    fn, extra = TRAIN_CONTENDERS[contender]
+    inputs = [training_inputs(batch, length, seed) for seed in range(ROTATIONS)]
+    measure(
+        fn, inputs, case=f"rel_key_attention forward+backward {shape_id(shape)}", contender=contender,
+        flops=14 * batch * HEADS * length * length * HEAD_DIM, batch=batch, length=length, **extra,
+    )

@@ -107,7 +107,7 @@ def _attention_args(s, dtype, backward=None):
         length=s["length"], heads=s["heads"], left=s["left"], right=s["right"], qk_scale=0.18,
         LENGTH_BUCKET=_next_power_of_2(s["length"]),
         HEAD_DIM=s["head_dim"], NUM_DISTANCES=num_distances, BLOCK_D=max(16, _next_power_of_2(s["head_dim"])),
-        HAS_LENGTHS=True, ZERO_PADDED_QUERIES=True, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+        HAS_LENGTHS=True, ZERO_PADDED_QUERIES=True, DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32",
     )
     if backward is None:
         return dict(args, out_ptr=t, lse_ptr=torch.float32)

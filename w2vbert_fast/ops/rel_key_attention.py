@@ -61,6 +61,16 @@ _LAST = tl.constexpr(2) # every pair has j - i >= right: column R - 1
 
 
 @triton.jit
+def _load_rows(base, rows, stride, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A (rows, BLOCK_D) tile. Callers clamp ``rows`` into the sequence instead of masking them (what a masked row
+    would contribute is zeroed downstream), and int32 offsets: both cost registers the MMA operands need."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(base + rows[:, None] * stride + offs_d[None, :])
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
 def _attend_key_block(
     acc, m_i, l_i, q, table_rows, bias_row, k_base, v_base, start_n, offs_m, key_length, stride_kl, stride_vl,
     left, right, qk_scale,
@@ -69,10 +79,10 @@ def _attend_key_block(
 ):
     """One step of the online softmax over keys [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     key_valid = offs_n < key_length
-    kv_mask = key_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    # keys past the length read the last valid key: finite, and their probability is set to 0 below
+    rows = tl.minimum(offs_n, key_length - 1)
+    k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if KIND == _BAND:
         distance = tl.minimum(tl.maximum(offs_n[None, :] - offs_m[:, None], -left), right) + left
@@ -85,7 +95,7 @@ def _attend_key_block(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = _load_rows(v_base, rows, stride_vl, BLOCK_D, HEAD_DIM)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -134,7 +144,7 @@ def _forward_kernel(
 
     # Rows past the end read the last row's table: every gather stays in bounds without a mask.
     table_rows = (table_ptr + b.to(tl.int64) * stride_tb + h * stride_th
-                  + tl.minimum(offs_m, length - 1).to(tl.int64) * stride_tl)
+                  + tl.minimum(offs_m, length - 1) * stride_tl)
     bias_first = tl.load(table_rows)
     bias_last = tl.load(table_rows + (NUM_DISTANCES - 1))
 
@@ -182,15 +192,14 @@ def _dkdv_query_block(
     """dK/dV pass: add queries [start_m, start_m + BLOCK_M)'s share to one key block's dk and dv (transposed
     tiles: keys along rows)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    # rows that carry a gradient; the rest get lse = +inf, so P = 0 there whatever was saved for them
+    # rows that carry a gradient; the rest get lse = +inf, so P = 0 (and dS = 0) there whatever was saved for them
     row_live = offs_m < q_len
-    qd_mask = row_live[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dol + offs_d[None, :], mask=qd_mask, other=0.0)
+    rows = tl.minimum(offs_m, length - 1)
+    q = _load_rows(q_base, rows, stride_ql, BLOCK_D, HEAD_DIM)
+    do = _load_rows(do_base, rows, stride_dol, BLOCK_D, HEAD_DIM)
     lse2 = tl.load(lse_base + offs_m, mask=row_live, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=row_live, other=0.0)
-    table_rows = table_base + tl.minimum(offs_m, length - 1).to(tl.int64) * stride_tl
+    table_rows = table_base + rows * stride_tl
     scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
     if KIND == _BAND:
         distance = tl.minimum(tl.maximum(offs_n[:, None] - offs_m[None, :], -left), right) + left
@@ -297,11 +306,10 @@ def _dq_key_block(
 ):
     """dQ pass: one key block's share of a query block's dq, and of its table gradient."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     key_valid = offs_n < key_length
-    kv_mask = key_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    rows = tl.minimum(offs_n, key_length - 1)
+    k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
+    v = _load_rows(v_base, rows, stride_vl, BLOCK_D, HEAD_DIM)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if KIND == _BAND:
         relative = offs_n[None, :] - offs_m[:, None]
@@ -375,8 +383,8 @@ def _backward_dq_kernel(
                    other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + batch_head.to(tl.int64) * length + offs_m, mask=row_live, other=0.0)
     table_offset = b.to(tl.int64) * stride_tb + h * stride_th
-    table_rows = table_ptr + table_offset + tl.minimum(offs_m, length - 1).to(tl.int64) * stride_tl
-    d_table_rows = d_table_ptr + table_offset + offs_m.to(tl.int64) * stride_tl
+    table_rows = table_ptr + table_offset + tl.minimum(offs_m, length - 1) * stride_tl
+    d_table_rows = d_table_ptr + table_offset + offs_m * stride_tl
     bias_first = tl.load(table_rows)
     bias_last = tl.load(table_rows + (NUM_DISTANCES - 1))
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
@@ -413,15 +421,15 @@ def _backward_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Every one compiles for sm_90 and sm_80 in bf16, fp16 and fp32 at
-# w2v-bert-2.0's shapes (head_dim 64, R = 73) with no spill and registers for >= 12 resident warps per SM
-# (<= 168 per thread at 4 warps, <= 128 at 8), checked with ptxas; configs that could not were dropped.
-FORWARD_CONFIGS = [
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-    (64, 32, 4, 2), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 4),
-]
-DKDV_CONFIGS = [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2)]
-DQ_CONFIGS = [(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Each compiles for sm_90a and sm_80 in bf16, fp16 and fp32 at
+# w2v-bert-2.0's shapes (head_dim 64, R = 73), on triton 3.6 and 3.9, with no spill, and in half precision to
+# registers that let >= 12 warps be resident per SM (<= 168 per thread at 4 warps), checked with ptxas
+# (benchmarks/compile_check.py). Larger tiles were dropped: the forward at (64, 64, 4 warps) needs 168 registers
+# on sm_90 but 224 on sm_80; the backward passes at 32 × 32 fit in half precision but spill in fp32 (three tf32
+# products per dot), where no config reaches 12 warps.
+FORWARD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2)]
+DKDV_CONFIGS = [(16, 32, 4, 2)]
+DQ_CONFIGS = [(16, 32, 4, 2)]
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
 INTERPRETER_CONFIG = (32, 16, 4, 1)
