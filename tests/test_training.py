@@ -232,6 +232,19 @@ def test_checkpointing_saves_as_much_on_an_optimized_model_as_on_transformers(ba
     assert_step_matches(train_step(patched, *batch), reference)  # the recompute changes nothing
 
 
+def test_checkpointing_recomputes_through_the_kernels(backend):
+    # the recompute in the backward pass replays the ops' forward (and their registered backward) exactly
+    backend("triton")
+    hf = ctc_model(num_hidden_layers=1)
+    batch = ctc_batch(hf.config)
+    reference = train_step(hf, *batch)
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    saved_by_transformers = saved_in_step(hf, *batch).elements
+    patched = w2vbert_fast.optimize(copy.deepcopy(hf)).to(DEVICE)
+    assert saved_in_step(patched, *batch, device=DEVICE).elements <= saved_by_transformers
+    assert_step_matches(train_step(patched, *batch, device=DEVICE), reference)
+
+
 def test_checkpointing_disabled_again_saves_the_activations_again(backend):
     backend("auto")
     patched = w2vbert_fast.optimize(ctc_model())
