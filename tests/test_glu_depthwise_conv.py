@@ -367,6 +367,24 @@ def test_fp16_gradients_within_twice_pytorch_fp16_error(backend):
         assert_half_precision_close(a, t, e)
 
 
+@requires_cuda
+@pytest.mark.parametrize("length", [7, 1500])
+def test_bf16_gradients_on_gpu_within_twice_pytorch_bf16_error(backend, length):
+    """GPU only: the interpreter emulates bf16 through fp32 numpy arrays, so a CPU run would not see bf16 rounding.
+    The model's sizes (C = 1024, K = 31), autocast's mix: x and dout in bf16, the parameters in fp32."""
+    backend("triton")
+    x, weight, ln_weight, ln_bias = make_inputs(2, length, 1024, 31, seed=20)
+    inputs = (x.bfloat16(), weight, ln_weight, ln_bias)
+    lengths = ragged_lengths(2, length)
+    dout = make_dout(2, length, 1024, dtype=torch.bfloat16)
+    ours = our_gradients(inputs, dout, lengths)
+    torch_bf16 = reference_gradients(inputs, dout, lengths, dtype=torch.bfloat16)
+    fp32 = reference_gradients(inputs, dout, lengths)
+    for name, a, t, e in zip(PARAMETERS, ours, torch_bf16, fp32):
+        assert a.dtype == inputs[PARAMETERS.index(name)].dtype, name
+        assert_half_precision_close(a.bfloat16(), t, e)
+
+
 def test_half_input_with_fp32_weights_gives_each_gradient_in_its_input_dtype(backend):
     """What autocast hands the op: x in fp16 (from the Linear), the conv and LayerNorm parameters in fp32."""
     backend("triton")
