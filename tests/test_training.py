@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import FP32_ATOL, assert_fp32_close, assert_half_precision_close, requires_cuda
+from conftest import FP32_ATOL, HALF_ERROR_FLOOR, assert_fp32_close, assert_half_precision_close, requires_cuda
 from model_helpers import DEVICE, max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
 import w2vbert_fast
@@ -155,6 +155,20 @@ def test_standalone_ctc_step_compiles_in_one_graph(backend, checkpointing):
 
 
 # ------------------------------------------------------------------------------------------------------ autocast
+def assert_gradient_within_half_precision(name, ours, torch_lowp, reference):
+    """``assert_half_precision_close`` per parameter gradient, except linear_k.bias: softmax is invariant to the
+    per-row constant q·b_k it adds, so its exact gradient is 0 (fp32 gives ~1e-8) and any relative error to it is
+    noise over noise. Its error is judged instead against the gradient of its sibling linear_q.bias, the scale of
+    that layer's attention gradients: within the half-precision floor of it."""
+    if name.endswith("self_attn.linear_k.bias"):
+        scale = reference[name.replace("linear_k.bias", "linear_q.bias")].norm()
+        error = (ours.double() - reference[name].double()).norm()
+        assert torch.isfinite(ours).all() and error <= HALF_ERROR_FLOOR[torch.bfloat16] * scale, (
+            f"|error| {error:.3e} > {HALF_ERROR_FLOOR[torch.bfloat16]:.1e} × |grad linear_q.bias| {scale:.3e}")
+        return
+    assert_half_precision_close(ours.bfloat16(), torch_lowp.bfloat16(), reference[name])
+
+
 AUTOCAST_CASES = [
     pytest.param("cpu", "auto", id="cpu-auto"),
     pytest.param("cpu", "torch", id="cpu-torch"),
@@ -176,20 +190,14 @@ def test_bf16_autocast_step_is_within_half_precision_error_of_fp32(backend, devi
     assert set(ours[1]) == set(reference[1])
     for name, grad in reference[1].items():
         try:
-            assert_half_precision_close(ours[1][name].bfloat16(), torch_lowp[1][name].bfloat16(), grad)
+            assert_gradient_within_half_precision(name, ours[1][name], torch_lowp[1][name], reference[1])
         except AssertionError as error:
             raise AssertionError(f"gradient of {name}: {error}") from None
 
 
-BACKWARD_IN_AUTOCAST_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="the CPU chunked attention backward (ops/rel_key_attention_cpu.py) run inside an autocast region "
-           "scatter_add_s bf16 scores into an fp32 table: 'scatter(): Expected self.dtype to be equal to src.dtype'")
-
-
 @pytest.mark.parametrize("device, backend_name", [
     pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param("cpu", "auto", id="cpu-auto", marks=BACKWARD_IN_AUTOCAST_BUG),
+    pytest.param("cpu", "auto", id="cpu-auto"),
     pytest.param("cuda", "triton", id="cuda-triton", marks=requires_cuda),  # bf16 kernels: GPU only (see above)
 ])
 def test_backward_inside_the_autocast_region_is_within_half_precision_error(backend, device, backend_name):
@@ -206,7 +214,7 @@ def test_backward_inside_the_autocast_region_is_within_half_precision_error(back
     assert_half_precision_close(loss.detach().cpu()[None].bfloat16(), torch_lowp[0][None].bfloat16(),
                                 reference[0][None])
     for name, param in patched.named_parameters():
-        assert_half_precision_close(param.grad.cpu().bfloat16(), torch_lowp[1][name].bfloat16(), reference[1][name])
+        assert_gradient_within_half_precision(name, param.grad.cpu(), torch_lowp[1][name], reference[1])
 
 
 # ------------------------------------------------------------------------------------------ gradient checkpointing

@@ -20,6 +20,8 @@ given the *merged* output and log-sum-exp, yields exactly that part's share of d
 back into the table's distance buckets, then dq += dT·E and dE += dTᵀ·q.
 """
 
+import functools
+
 import torch
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -97,6 +99,19 @@ def _finish(x, out, dtype):
     return out.transpose(1, 2).reshape(x.batch, x.length, x.heads * x.head_dim).to(dtype)
 
 
+def _outside_autocast(fn):
+    """These functions choose their own compute dtype; an autocast region around the call (a forward, or a backward
+    run inside one) must not recast their matmuls, or fp32 accumulators would meet bf16 scores."""
+
+    @functools.wraps(fn)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return run
+
+
+@_outside_autocast
 def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths=None,
                               zero_padded_queries=True, chunk=QUERY_CHUNK):
     """Forward. Same arguments and result as ``rel_key_attention``; returns (out (B, L, H·D) in q's dtype,
@@ -129,6 +144,7 @@ def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, l
     return _finish(x, out, q.dtype), lse
 
 
+@_outside_autocast
 def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale,
                                        lengths=None, zero_padded_queries=True, chunk=QUERY_CHUNK):
     """Backward of ``rel_key_attention_chunked`` from its output and lse: (dq, dk, dv, d_distance_embedding), each
