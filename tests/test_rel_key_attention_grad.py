@@ -283,3 +283,19 @@ def test_torch_compile_traces_forward_and_backward_in_one_graph(backend):
     d_fused, d_table = torch.autograd.grad(loss, (fused, table))
     for a, b in zip((d_fused, d_table), expected[1:]):
         assert relative_error(a, b) <= FP32_GRAD_RTOL
+
+
+@pytest.mark.parametrize("name", ["triton", "auto"])
+def test_an_enclosing_autocast_region_changes_nothing_inside_the_op(backend, name):
+    """Forward and backward run inside an autocast region (hand-written loops often call backward there): the op
+    computes its bias table and gradients in fp32 as it does outside one, bit for bit."""
+    if HAS_CUDA:
+        pytest.skip("CPU autocast on CPU tensors; the GPU variant is the bf16 test above")
+    fused, q, k, v, table, grad_out = make_inputs(2, 40, 2, 16, 3, 5, dtype=torch.float16)
+    table = table.detach().float().requires_grad_(True)
+    lengths = torch.tensor([40, 17])
+    plain = gradients(name, backend, fused, q, k, v, table, grad_out, 3, 5, lengths)
+    with torch.autocast("cpu", dtype=torch.float16):
+        inside = gradients(name, backend, fused, q, k, v, table, grad_out, 3, 5, lengths)
+    for a, b in zip(inside, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)

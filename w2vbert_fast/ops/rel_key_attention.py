@@ -567,6 +567,8 @@ def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, righ
 # --------------------------------------------------------------------------------------- torch.library ops
 # ``implementation`` says which code computes the op: "triton" (the kernels above) or "chunked" (the CPU path,
 # rel_key_attention_cpu.py). It is an argument, not a global, so the backward always matches the forward that ran.
+# Both run with autocast off: an enclosing autocast region (the forward's, or a backward called inside one) would
+# otherwise turn the fp32 table and gradient matmuls into half precision ones.
 def _cpu_path():
     from . import rel_key_attention_cpu
 
@@ -578,10 +580,11 @@ def _rel_key_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distance_embedding: torch.Tensor, left: int, right: int,
     scale: float, lengths: Optional[torch.Tensor], zero_padded_queries: bool, implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if implementation == "triton":
-        return _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries)
-    out, lse = _cpu_path().rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths,
-                                                     zero_padded_queries)
+    with torch.autocast(q.device.type, enabled=False):
+        if implementation == "triton":
+            return _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries)
+        out, lse = _cpu_path().rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths,
+                                                         zero_padded_queries)
     return out.contiguous(), lse.contiguous()
 
 
@@ -598,12 +601,13 @@ def _rel_key_attention_backward_op(
     out: torch.Tensor, lse: torch.Tensor, left: int, right: int, scale: float, lengths: Optional[torch.Tensor],
     zero_padded_queries: bool, implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if implementation == "triton":
-        grads = _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                                 zero_padded_queries)
-    else:
-        grads = _cpu_path().rel_key_attention_chunked_backward(
-            grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries)
+    with torch.autocast(q.device.type, enabled=False):
+        if implementation == "triton":
+            grads = _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
+                                     zero_padded_queries)
+        else:
+            grads = _cpu_path().rel_key_attention_chunked_backward(
+                grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries)
     return tuple(g.contiguous() for g in grads)
 
 
