@@ -245,23 +245,6 @@ def test_standalone_model_uses_the_kernel_and_matches_transformers(backend, monk
         assert max_diff_on_valid(o.cpu(), r, lengths) <= FP32_ATOL
 
 
-def test_mask_with_holes_takes_the_reference_path_and_matches_transformers(backend, monkeypatch):
-    backend("triton")
-    calls = []
-    real = kernel_module._rel_key_attention_op
-    monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: calls.append(1) or real(*args))
-    hf = transformers_model(num_hidden_layers=1)
-    ours = our_model_like(hf).to(MODEL_DEVICE)
-    features, _ = ragged_batch([21, 21], hf.config.feature_projection_input_dim)
-    mask = torch.ones(2, 21, dtype=torch.long)
-    mask[0, 4:9] = 0  # a hole, then real frames again: not right padding
-    with torch.no_grad():
-        ref = hf(features, attention_mask=mask).last_hidden_state
-        out = ours(features.to(MODEL_DEVICE), attention_mask=mask.to(MODEL_DEVICE)).last_hidden_state.cpu()
-    assert not calls, "the kernel only handles right padding"
-    assert (out[mask.bool()] - ref[mask.bool()]).abs().max().item() <= FP32_ATOL
-
-
 def test_optimized_transformers_model_with_adapter_matches_through_the_kernel(backend):
     """The adapter reads a padded row, so the kernel computes padded query rows like transformers there."""
     backend("triton")
