@@ -84,6 +84,11 @@ def test_kernel_gradients_of_a_padded_batch(backend, left, right, zero_padded_qu
                             zero_padded_queries=zero_padded_queries, seed=1)
 
 
+@pytest.mark.parametrize("heads,head_dim", [(3, 24), (1, 80)], ids=["3x24", "1x80"])
+def test_kernel_gradients_for_head_sizes_that_are_not_powers_of_two(backend, heads, head_dim):
+    check_against_reference(backend, "triton", 2, 45, heads, head_dim, 6, 3, lengths=[45, 20])
+
+
 @pytest.mark.parametrize("zero_padded_queries", [True, False], ids=["zero-padded-rows", "computed-padded-rows"])
 def test_cpu_path_gradients_match_the_reference(backend, zero_padded_queries):
     """``auto`` on CPU tensors runs the chunked PyTorch path through the same autograd op."""
