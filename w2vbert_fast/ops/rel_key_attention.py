@@ -427,11 +427,11 @@ def _backward_dq_kernel(
 # registers that let >= 12 warps be resident per SM (<= 168 per thread at 4 warps), checked with ptxas
 # (benchmarks/compile_check.py). Larger tiles were dropped: the forward at (64, 64, 4 warps) needs 168 registers
 # on sm_90 but 224 on sm_80; the backward passes at 32 × 32 fit in half precision but spill in fp32 (three tf32
-# products per dot), where no config reaches 12 warps. (64, 16) fits but its P·V dot issues no tensor-core MMA on
-# sm_90.
-FORWARD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2)]
+# products per dot), where no config reaches 12 warps. At 8 warps (<= 128 registers) only small M tiles fit.
+# (64, 16) fits but its P·V dot issues no tensor-core MMA on sm_90.
+FORWARD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)]
 DKDV_CONFIGS = [(16, 32, 4, 2)]
-DQ_CONFIGS = [(16, 32, 4, 2)]
+DQ_CONFIGS = [(16, 32, 4, 2), (16, 64, 8, 2)]
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
 INTERPRETER_CONFIG = (32, 16, 4, 1)
