@@ -52,7 +52,7 @@ def kernels(s=SHAPES):
          b * n * 2 * c * e + b * n * c * 4 + b * n * 2 * c * e, "reads x and dconv, writes dx"),
         ("_frames_kernel", "fbank framing", {"fp64 CUDA cores": frames * 512 * 6},
          samples * 4 + frames * 512 * 8, "fp32 samples in, fp64 frames out (512 per frame)"),
-        ("_log_mel_kernel", "fbank |X|², mel sum, log", {"fp32 CUDA cores": frames * (2 * 256 * 128 + 3 * 256)},
+        ("_log_mel_kernel", "fbank power spectrum, mel sum, log", {"fp32 CUDA cores": frames * (2 * 256 * 128 + 3 * 256)},
          frames * 257 * 16 + frames * 80 * 4, "fp64 spectrum in; a dense 256 × 128 filter matmul (80 of 128 used)"),
     ]
 

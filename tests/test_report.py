@@ -138,7 +138,7 @@ def test_compile_section_and_cost_model(tmp_path):
     assert row["triton 3.6.0, sm_90a"] == "168 · 48 KB · 12"
     assert row["triton 3.6.0, sm_80"] == "255 · 48 KB · 12 · **spill 24/24 B**"
     assert "At the odd shape" in text and "1 compiles, all pass" in text
-    assert "tl.dot on tensor cores in every config at line 120" in text
+    assert "- triton 3.6.0 sm_90a bf16, 3.6.0 sm_80 bf16: tl.dot on tensor cores in every config at line 120" in text
     assert "### Failures" in text and "spills 24 B stored" in text
     assert "## Static cost model (model, not measurement)" in text
     assert "| `_forward_kernel` (attention forward) | 73.7 G bf16 tensor core, 288 M ex2 |" in text
