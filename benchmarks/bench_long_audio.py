@@ -87,11 +87,11 @@ def run_case_process(layers, seconds, contender, repeats, threads):
 @pytest.mark.parametrize("case", CPU_CASES, ids=cpu_case_id)
 def test_cpu_long_audio(benchmark, case):
     layers, seconds, contender, repeats, threads = case
+    info = benchmark.extra_info
+    info.update(environment())  # before the run: the commit and tree state the child process imports
     result = run_case_process(layers, seconds, contender, repeats, threads)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the time is the child's, recorded below
     label = f"{seconds // 60} min" if seconds >= 60 and seconds % 60 == 0 and seconds > 120 else f"{seconds} s"
-    info = benchmark.extra_info
-    info.update(environment())
     flops = encoder_flops(1, result["frames"], dict(_architecture(), num_hidden_layers=layers))
     info.update(
         case=f"CPU long audio, {layers} layers, {label}",
