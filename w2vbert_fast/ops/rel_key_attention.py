@@ -431,7 +431,7 @@ def _backward_dq_kernel(
 # (64, 16) fits but its P·V dot issues no tensor-core MMA on sm_90.
 FORWARD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)]
 DKDV_CONFIGS = [(16, 32, 4, 2)]
-DQ_CONFIGS = [(16, 32, 4, 2), (16, 64, 8, 2)]
+DQ_CONFIGS = [(16, 64, 8, 2)]  # (16, 32, 4 warps) spills 4 B on triton 3.6, fp16, odd head sizes
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
 INTERPRETER_CONFIG = (32, 16, 4, 1)
