@@ -118,4 +118,4 @@ def test_feature_extraction(measure, contender):
     measure(fn, [(CLIPS,)], case=f"features {NUM_CLIPS} clips {SHORTEST_S}-{LONGEST_S} s", contender=contender,
             bytes_moved=FLOOR_BYTES, peak_gbps=bandwidth, flops=FLOOR_FLOPS, audio_seconds=AUDIO_SECONDS,
             warmup=1 if slow else 3, repeats=3 if slow else 10, rounds=1 if slow else None, frames=FRAMES,
-            floor_ms=FLOOR_BYTES / (bandwidth * 1e9) * 1e3, **extra)
+            floor_ms=FLOOR_BYTES / (bandwidth * 1e9) * 1e3, claim=True, **extra)

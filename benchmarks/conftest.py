@@ -17,6 +17,10 @@ Conventions a bench file follows so the report can read it (all keys of ``extra_
 * ``audio_seconds`` (the audio one call processes) → ``hours_audio_per_s``.
 * ``oom``: True when the contender ran out of GPU memory (then ``median_ms`` is None and ``error`` says what the
   allocator was asked for); the test still passes, so the report can say where a contender stops.
+* ``claim``: True when the figure is a measurement of what a user gets at real sizes — every GPU result, and the
+  CPU cases that run at real sizes on the CPU path a user runs (feature extraction, ``bench_long_audio``'s
+  full-size CPU cases). False for the CPU smoke runs at tiny sizes. A case passes ``claim=True`` to
+  ``measure`` to say so on a CPU; the report puts claims and smoke runs under separate headings.
 """
 
 import functools
@@ -149,7 +153,7 @@ def measure(benchmark):
             peak_tflops=None, peak_gbps=None, **extra):
         info = benchmark.extra_info
         info.update(environment())
-        info.update(case=case, contender=contender)
+        info.update(case=case, contender=contender, claim=ON_GPU or bool(extra.pop("claim", False)))
         base = 0
         if ON_GPU:
             _free_memory()

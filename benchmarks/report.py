@@ -13,11 +13,15 @@ section and the static cost model (``compile_report.py``, ``cost_model.py``). Fo
   it), ``"ceiling"`` a bound none should beat (SDPA without bias, a plain copy of the same bytes); other rows have
   none. "vs reference" is the speed-up, reference ms / row ms (> 1 = faster than the reference); "vs ceiling" is
   ceiling ms / row ms (1.00 = as fast as the ceiling).
+* ``claim``: True for a measurement at real sizes (every GPU result; on a CPU, the cases that run the package's CPU
+  path at real sizes). A CPU device's cases are split into a "CPU, real sizes" section (claims) and a "CPU smoke
+  run" section (the rest, including every result recorded before the key existed).
 * ``median_ms`` (CUDA-event median; pytest-benchmark's median when absent), ``tflops``, ``gbps``,
   ``peak_extra_bytes`` (peak GPU memory allocated during the calls, above what was allocated before them).
 * optional, shown as columns when any row of the case has them: ``hours_audio_per_s``, ``mfu`` (over the measured
   matmul rate ``peak_tflops``), ``copy_fraction`` (over the measured copy bandwidth ``peak_gbps``), ``oom`` (ran out
-  of GPU memory; ``error`` holds the allocator's message, shown under the table).
+  of GPU memory; ``error`` holds the allocator's message, shown under the table), ``peak_rss_bytes`` (the
+  high-water resident set of a fresh process that ran only that case: CPU peak memory), ``longest_clip_s``.
 
 When the same (device, case, contender) appears in several files, the newest file (its ``datetime``) wins.
 The output is generated: never edit RESULTS.md or the JSON under benchmarks/results/ by hand.
@@ -33,11 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compile_report  # noqa: E402
 
 NO_GPU_SENTENCE = (
-    "No GPU results yet: every table below (if any) is a CPU run at tiny sizes in fp32, where \"ours\" runs the "
-    "PyTorch reference of each GPU kernel; those tables show that the benchmarks run, not how fast the kernels are. "
-    "The one CPU comparison that is a claim is feature extraction: \"ours, PyTorch path (CPU)\" is what the package "
-    "runs on a CPU. Run `python -m w2vbert_fast bench` on a GPU and commit the JSON it writes under "
-    "benchmarks/results/."
+    "No GPU results yet: nothing below says how fast the Triton kernels are. The CPU tables come in two kinds. "
+    "Under *CPU, real sizes* are measurements of what the package runs on a CPU (the `auto` backend's PyTorch "
+    "paths, at the model's real sizes, against transformers in the same run): those are claims. Under *CPU smoke "
+    "run* the cases run at tiny sizes in fp32 to show that the benchmarks run; there \"ours\" is a PyTorch stand-in "
+    "for a GPU kernel, and the figures are not speed claims. Run `python -m w2vbert_fast bench` on a GPU and commit "
+    "the JSON it writes under benchmarks/results/."
 )
 
 OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
@@ -165,6 +170,32 @@ def case_table(rows) -> list:
     return lines
 
 
+def is_claim(rows) -> bool:
+    return any(r.get("claim") or is_gpu(r) for r in rows.values())
+
+
+def provenance(row) -> str:
+    versions = ", ".join(f"{k} {row[k]}" for k in ("torch", "triton", "cuda", "transformers") if row.get(k))
+    commit = (row.get("commit") or "unknown")[:12] + (" (dirty tree)" if row.get("dirty") else "")
+    return f"{versions}; commit `{commit}`; recorded {row['datetime'][:19]} (`{row['file']}`)."
+
+
+def device_section(device, kind, cases) -> list:
+    """One ``## device (kind)`` section: where it ran, then a table per case; a case recorded by another run than
+    the section's first says so under its heading."""
+    sample = next(iter(next(iter(cases.values())).values()))
+    out = [f"## {device} ({kind})", "", provenance(sample), ""]
+    for case, contenders in cases.items():
+        out.append(f"### {case}")
+        out.append("")
+        runs = {provenance(r) for r in contenders.values()}
+        if runs != {provenance(sample)}:
+            out += [f"_{run}_" for run in sorted(runs)] + [""]
+        out += case_table(contenders)
+        out.append("")
+    return out
+
+
 def render(documents) -> str:
     compiled = [d for _, d in documents if compile_report.is_compile_document(d)]
     documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)]
@@ -190,21 +221,19 @@ def render(documents) -> str:
             "no implementation should beat); *peak memory* = GPU memory allocated at the peak of the calls, above "
             "what was allocated before (weights and inputs excluded); *MFU* = model FLOPs / time / the measured "
             "dense matmul rate of the same device in the same dtype; *h audio / s* = hours of audio encoded per "
-            "second.", ""]
+            "second; *peak RSS (fresh process)* = the most resident memory of a process that ran only that case "
+            "(CPU).", ""]
     for device, cases in sorted(tables.items(), key=lambda item: (item[0] not in gpu_devices, item[0])):
-        sample = next(iter(next(iter(cases.values())).values()))
-        kind = "GPU" if device in gpu_devices else "CPU smoke run, not a speed claim"
-        out.append(f"## {device} ({kind})")
-        out.append("")
-        versions = ", ".join(f"{k} {sample[k]}" for k in ("torch", "triton", "cuda", "transformers") if sample.get(k))
-        out.append(f"{versions}; commit `{(sample.get('commit') or 'unknown')[:12]}`; recorded {sample['datetime'][:19]} "
-                   f"(`{sample['file']}`).")
-        out.append("")
-        for case, contenders in cases.items():
-            out.append(f"### {case}")
-            out.append("")
-            out += case_table(contenders)
-            out.append("")
+        if device in gpu_devices:
+            sections = [("GPU", cases)]
+        else:
+            claims = OrderedDict((c, rows) for c, rows in cases.items() if is_claim(rows))
+            smoke = OrderedDict((c, rows) for c, rows in cases.items() if c not in claims)
+            sections = [("CPU, real sizes: measurements of the CPU path", claims),
+                        ("CPU smoke run, not a speed claim", smoke)]
+        for kind, section in sections:
+            if section:
+                out += device_section(device, kind, section)
     out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 

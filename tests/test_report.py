@@ -142,3 +142,33 @@ def test_compile_section_and_cost_model(tmp_path):
     assert "### Failures" in text and "spills 24 B stored" in text
     assert "## Static cost model (model, not measurement)" in text
     assert "| `_forward_kernel` (attention forward) | 73.7 G bf16 tensor core, 288 M ex2 |" in text
+
+
+def cpu_result(case, contender, median_ms, **extra):
+    info = dict(device="cpu (x86_64, 2 cores)", torch="2.13.0", triton="3.9.0", cuda=None, commit="b" * 40,
+                dirty=False, case=case, contender=contender, median_ms=median_ms)
+    info.update(extra)
+    return {"name": contender, "stats": {"median": median_ms / 1e3}, "extra_info": info}
+
+
+def test_cpu_claims_and_smoke_runs_get_separate_sections(tmp_path):
+    """A CPU case recorded with ``claim`` lands under "CPU, real sizes", the rest (and results recorded before the
+    key existed) under the smoke-run heading; a claim case from another run names its own commit and file."""
+    smoke = {"datetime": "2030-01-01T00:00:00", "benchmarks": [
+        cpu_result("encoder B2 x 2 s", "ours", 3.0), cpu_result("encoder B2 x 2 s", "ref", 4.0, role="reference")]}
+    claims = {"datetime": "2030-01-02T00:00:00", "benchmarks": [
+        cpu_result("CPU long audio, 2 layers, 120 s", "transformers sdpa", 33000.0, role="reference", claim=True,
+                   peak_rss_bytes=14 * 2 ** 30, commit="c" * 40),
+        cpu_result("CPU long audio, 2 layers, 120 s", "ours", 6000.0, claim=True, peak_rss_bytes=2 ** 30,
+                   commit="c" * 40)]}
+    (tmp_path / "smoke.json").write_text(json.dumps(smoke))
+    (tmp_path / "claims.json").write_text(json.dumps(claims))
+    text = report.render(report.load([str(tmp_path / "smoke.json"), str(tmp_path / "claims.json")]))
+    claim_at = text.index("## cpu (x86_64, 2 cores) (CPU, real sizes: measurements of the CPU path)")
+    smoke_at = text.index("## cpu (x86_64, 2 cores) (CPU smoke run, not a speed claim)")
+    assert claim_at < text.index("### CPU long audio, 2 layers, 120 s") < smoke_at < text.index("### encoder B2")
+    assert "No GPU results yet:" in text and "*CPU, real sizes*" in text
+    rows = table_rows(text, "CPU long audio, 2 layers, 120 s")
+    assert rows["ours"]["vs reference"] == "5.50×" and rows["ours"]["peak RSS (fresh process)"] == "1.00 GiB"
+    assert rows["transformers sdpa (reference)"]["peak RSS (fresh process)"] == "14.00 GiB"
+    assert f"commit `{'c' * 12}`" in text and f"commit `{'b' * 12}`" in text
