@@ -150,10 +150,10 @@ def measure(benchmark):
     """
 
     def run(fn, inputs, *, case, contender, flops=None, bytes_moved=None, warmup=3, repeats=20, rounds=None,
-            peak_tflops=None, peak_gbps=None, **extra):
+            peak_tflops=None, peak_gbps=None, claim=False, **extra):
         info = benchmark.extra_info
         info.update(environment())
-        info.update(case=case, contender=contender, claim=ON_GPU or bool(extra.pop("claim", False)))
+        info.update(case=case, contender=contender, claim=ON_GPU or claim)
         base = 0
         if ON_GPU:
             _free_memory()

@@ -170,10 +170,6 @@ def case_table(rows) -> list:
     return lines
 
 
-def is_claim(rows) -> bool:
-    return any(r.get("claim") or is_gpu(r) for r in rows.values())
-
-
 def provenance(row) -> str:
     versions = ", ".join(f"{k} {row[k]}" for k in ("torch", "triton", "cuda", "transformers") if row.get(k))
     commit = (row.get("commit") or "unknown")[:12] + (" (dirty tree)" if row.get("dirty") else "")
@@ -227,7 +223,7 @@ def render(documents) -> str:
         if device in gpu_devices:
             sections = [("GPU", cases)]
         else:
-            claims = OrderedDict((c, rows) for c, rows in cases.items() if is_claim(rows))
+            claims = OrderedDict((c, rows) for c, rows in cases.items() if any(r.get("claim") for r in rows.values()))
             smoke = OrderedDict((c, rows) for c, rows in cases.items() if c not in claims)
             sections = [("CPU, real sizes: measurements of the CPU path", claims),
                         ("CPU smoke run, not a speed claim", smoke)]
