@@ -13,13 +13,15 @@ gives registers, spill stores/loads and the stack frame; the cubin's SASS (``nvd
 instruction mix per source line. One compile per task in a process pool.
 
 A check fails on: a compile error; any spill store or load in a config the autotuner may pick (or the one the
-launcher uses); shared memory over the target's per-block limit; a kernel in ``w2vbert_fast/ops`` missing from
+launcher uses); fewer than 12 warps resident per SM (``MIN_WARPS_PER_SM``); shared memory over the target's
+per-block limit; a kernel in ``w2vbert_fast/ops`` missing from
 ``KERNELS`` or whose arguments no longer match its entry. The machine-code expectations each entry declares (tensor
 cores on every ``tl.dot`` in half precision, no fp64 arithmetic, no local memory) fail it too. Never relax a check
 to make it pass: fix the kernel or drop the config.
 
 Updating after a kernel change: edit the kernel's entry in ``KERNELS`` (its example arguments, by name) — the
-configs come from the module's ``_autotune_configs(interpreted=False)`` or the autotuner itself.
+configs come from the autotuner itself (imported without the interpreter, so its GPU list, filtered per dtype by its
+``early_config_prune`` when it has one) or, for a kernel launched without one, the module attribute its entry names.
 """
 
 import argparse
@@ -55,6 +57,9 @@ REGISTERS_PER_SM = 65536
 REGISTER_PARTITIONS = 4  # the register file is split between the SM's four warp schedulers
 REGISTER_ALLOCATION_UNIT = 256  # registers per warp are allocated in units of 256 (8 per thread)
 MAX_WARPS_PER_SM = 64
+# The fewest resident warps per SM a config may allow: with fewer, one warp's memory or MMA latency has too few others
+# to hide behind (issue 13 sets 12 for attention; every kernel meets it).
+MIN_WARPS_PER_SM = 12
 MAX_BLOCKS_PER_SM = 32
 SMEM_RESERVED_PER_BLOCK = 1024
 
@@ -79,8 +84,8 @@ class Entry:
     configs: for a kernel without an autotuner, (module attribute naming its launch configs, a list of dicts of
     meta-parameters + num_warps/num_stages); None for autotuned kernels.
     dtypes: the input dtypes the kernel is launched with (a kernel whose launcher fixes them lists one).
-    expect: machine-code expectations, checked per compile: "mma_in_half" (every tl.dot line issues tensor-core
-    MMA when the inputs are fp16/bf16), "no_fp64" (no fp64 arithmetic anywhere), "no_local" (no local memory).
+    expect: machine-code expectations, checked per compile: "mma_in_half" / "mma_in_fp32" (every tl.dot line issues
+    tensor-core MMA when the inputs are fp16/bf16 / fp32, i.e. tf32 products), "no_fp64" (no fp64 arithmetic anywhere), "no_local" (no local memory).
     """
 
     args: Callable[[dict, str], Dict[str, object]]
@@ -177,15 +182,16 @@ def _log_mel_args(s, dtype):
     )
 
 
-_HALF_MMA = ("mma_in_half", "no_fp64", "no_local")
+# attention's fp32 dots take three tf32 products (DOT_PRECISION "tf32x3"): tensor cores in every dtype
+_ATTENTION_EXPECT = ("mma_in_half", "mma_in_fp32", "no_fp64", "no_local")
 # "module:kernel" → Entry. The one place to update when a kernel's arguments change. Configs: the kernel's autotuner
 # (imported with TRITON_INTERPRET unset, so its GPU list), or ``configs`` for a kernel launched without one.
 KERNELS = {
-    "w2vbert_fast.ops.rel_key_attention:_forward_kernel": Entry(_attention_args, expect=_HALF_MMA),
+    "w2vbert_fast.ops.rel_key_attention:_forward_kernel": Entry(_attention_args, expect=_ATTENTION_EXPECT),
     "w2vbert_fast.ops.rel_key_attention:_backward_dkdv_kernel": Entry(
-        lambda s, d: _attention_args(s, d, "dkdv"), expect=_HALF_MMA),
+        lambda s, d: _attention_args(s, d, "dkdv"), expect=_ATTENTION_EXPECT),
     "w2vbert_fast.ops.rel_key_attention:_backward_dq_kernel": Entry(
-        lambda s, d: _attention_args(s, d, "dq"), expect=_HALF_MMA),
+        lambda s, d: _attention_args(s, d, "dq"), expect=_ATTENTION_EXPECT),
     "w2vbert_fast.ops.glu_depthwise_conv:_glu_depthwise_conv_kernel": Entry(
         _conv_row_args, expect=("no_fp64", "no_local")),
     "w2vbert_fast.ops.glu_depthwise_conv:_conv_norm_backward_kernel": Entry(
@@ -248,8 +254,10 @@ def discover_kernels():
                        for other, src in sources.items() if other != key)}
 
 
-def configs_for(key, wrapper=None):
-    """[config dict: meta-parameters + num_warps/num_stages] the kernel may run with on a GPU."""
+def configs_for(key, dtype, wrapper=None):
+    """[config dict: meta-parameters + num_warps/num_stages (+ maxnreg)] the kernel may run with on a GPU for inputs
+    of ``dtype``: the autotuner's configs that its ``early_config_prune`` keeps for a launch with this entry's
+    arguments (a kernel tuned per precision), or all of them."""
     module_name, name = key.split(":")
     module = importlib.import_module(module_name)
     entry = KERNELS[key]
@@ -258,8 +266,13 @@ def configs_for(key, wrapper=None):
     wrapper = wrapper if wrapper is not None else discover_kernels()[key]
     if not hasattr(wrapper, "configs"):
         raise RegistryError(f"{key}: no autotuner and no 'configs' in its KERNELS entry")
+    configs = wrapper.configs
+    if getattr(wrapper, "early_config_prune", None):
+        args = entry.args(SHAPES["w2v-bert-2.0"], dtype)
+        # a launch passes some of these positionally, some as keywords: the pruner sees them both ways
+        configs = wrapper.early_config_prune(configs, dict(args), **args)
     out = []
-    for c in wrapper.configs:
+    for c in configs:
         d = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         if getattr(c, "num_ctas", 1) != 1:
             d["num_ctas"] = c.num_ctas
@@ -288,7 +301,7 @@ def check_registry(kernels=None):
             continue
         fn = _jit_function(found[key])
         try:
-            configs = configs_for(key, found[key])
+            configs = [c for dtype in entry.dtypes for c in configs_for(key, dtype, found[key])]
         except RegistryError as error:
             problems[key] = str(error)
             continue
@@ -476,12 +489,17 @@ def failures(record):
     out = []
     if record["spill_stores"] or record["spill_loads"]:
         out.append(f"spills {record['spill_stores']} B stored, {record['spill_loads']} B loaded per thread")
+    if record["occupancy"]["warps_per_sm"] < MIN_WARPS_PER_SM:
+        out.append(f"{record['occupancy']['warps_per_sm']} warps resident per SM < {MIN_WARPS_PER_SM} "
+                   f"({record['registers']} registers × {record['num_warps']} warps, limited by "
+                   f"{' and '.join(record['occupancy']['limited_by'])})")
     limit = TARGETS[record["target"]]["smem_per_block"]
     if record["shared_bytes"] > limit:
         out.append(f"shared memory {record['shared_bytes']} B > {limit} B per block on {record['target']}")
     expect = KERNELS.get(f"{record['module']}:{record['kernel']}", Entry(None)).expect
     sass = record["sass"]
-    if "mma_in_half" in expect and record["dtype"] in ("bfloat16", "float16"):
+    if (("mma_in_half" in expect and record["dtype"] in ("bfloat16", "float16"))
+            or ("mma_in_fp32" in expect and record["dtype"] == "float32")):
         missing = [d["line"] for d in sass["dots"] if not d["mma"]]
         if missing:
             out.append(f"tl.dot without tensor-core MMA at lines {missing}")
@@ -496,8 +514,9 @@ def failures(record):
 def plan(name, kernels=None, skip=()):
     """[(kernel, target, dtype, shape, config)].
 
+    Configs are per dtype (``configs_for``): a kernel tuned per precision compiles each dtype with its own.
     full (the committed tables): at the model's shapes every config × dtype × target; at the odd shape the first
-    config in fp16 on sm_90a, as ci (code generation for masks and odd sizes, not a new register budget).
+    config in fp16 and in fp32 on sm_90a (code generation for masks and odd sizes, not a new register budget).
     ci (what CI runs per triton version on 2 cores; the reasons are in tests/test_kernel_compile.py): every config
     in the serving dtype (bf16, or the kernel's one dtype) on sm_90a at the model's shapes; the first config in
     fp32 there; the first config in the serving dtype on sm_80; the first config in fp16 at the odd shape on sm_90a.
@@ -507,20 +526,21 @@ def plan(name, kernels=None, skip=()):
         if (kernels and not any(k in key for k in kernels)) or key in skip:
             continue
         serving = "bfloat16" if "bfloat16" in entry.dtypes else entry.dtypes[0]
-        for index, config in enumerate(configs_for(key)):
-            for target in TARGETS:
-                for shape in SHAPES:
-                    for dtype in entry.dtypes:
+        for dtype in entry.dtypes:
+            for index, config in enumerate(configs_for(key, dtype)):
+                for target in TARGETS:
+                    for shape in SHAPES:
                         if name == "ci" and not _in_ci(index, target, shape, dtype, serving, entry.dtypes):
                             continue
                         if name == "full" and shape != "w2v-bert-2.0" and not _in_ci(
-                                index, target, shape, dtype, serving, entry.dtypes):
+                                index, target, shape, dtype, serving, entry.dtypes, odd_fp32=True):
                             continue
                         out.append((key, target, dtype, shape, config))
     return out
 
 
-def _in_ci(index, target, shape, dtype, serving, dtypes):
+def _in_ci(index, target, shape, dtype, serving, dtypes, odd_fp32=False):
+    """``index``: the config's place among those for ``dtype``. ``odd_fp32``: the odd shape in fp32 too (full plan)."""
     if target == "sm_90a" and shape == "w2v-bert-2.0":
         return dtype == serving or (index == 0 and dtype == "float32")
     if index != 0:
@@ -528,7 +548,7 @@ def _in_ci(index, target, shape, dtype, serving, dtypes):
     if target == "sm_80" and shape == "w2v-bert-2.0":
         return dtype == serving
     if target == "sm_90a" and shape == "odd":
-        return dtype == ("float16" if "float16" in dtypes else serving)
+        return dtype == ("float16" if "float16" in dtypes else serving) or (odd_fp32 and dtype == "float32")
     return False
 
 

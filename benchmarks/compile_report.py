@@ -17,7 +17,8 @@ def _config_label(config):
     meta = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("num_warps", "num_stages", "num_ctas",
                                                                          "maxnreg"))
     stages = f", {config['num_stages']} st" if "num_stages" in config else ""
-    return f"{meta}; {config.get('num_warps')} w{stages}"
+    cap = f", ≤ {config['maxnreg']} regs" if config.get("maxnreg") else ""
+    return f"{meta}; {config.get('num_warps')} w{stages}{cap}"
 
 
 def _cell(record):
@@ -77,7 +78,8 @@ def _instruction_facts(records):
             off = [f"line {line} (`{src[:60]}`)" for line, (src, yes, no) in dots.items() if no]
             if on:
                 parts.append(f"tl.dot on tensor cores in every config at {', '.join(on)}")
-            if off and dtype == "float32":
+            flagged = any("without tensor-core MMA" in why for r in group for why in r.get("failures", []))
+            if off and dtype == "float32" and not flagged:
                 parts.append(f"tl.dot as FMA (fp32, \"ieee\" precision by design) at {', '.join(off)}")
             elif off:
                 parts.append(f"tl.dot **not** on tensor cores at {', '.join(off)}")
@@ -106,13 +108,14 @@ def render_section(documents):
         out.append(f"- triton {info['triton']}: {len(d['records'])} compiles (plan `{info['plan']}`), commit "
                    f"`{info.get('commit') or 'unknown'}`, **{failed} failing**" if failed else
                    f"- triton {info['triton']}: {len(d['records'])} compiles (plan `{info['plan']}`), commit "
-                   f"`{info.get('commit') or 'unknown'}`, all pass (no compile error, no spill, shared memory "
-                   f"within the limit, the machine-code expectations met)")
+                   f"`{info.get('commit') or 'unknown'}`, all pass (no compile error, no spill, at least 12 warps "
+                   f"resident per SM, shared memory within the limit, the machine-code expectations met)")
     out += ["", "Each cell: registers per thread · shared memory per block · warps resident per SM (the occupancy "
             "registers, shared memory and warps allow: 65,536 registers in 4 partitions allocated per warp in units of "
             "256, 64 warps, 32 blocks, 228 KB (sm_90a) / 164 KB (sm_80) of shared memory with 1 KB reserved per "
             "block). Spills are shown in bold as stored/loaded bytes per thread; ✗ marks another failure (listed "
-            "below). Shapes: head_dim 64, 16 heads, left 64 / right 8, 1024 channels, conv kernel 31, 30 s clips; "
+            "below), e.g. fewer than 12 resident warps. \"≤ N regs\": the config caps registers (`maxnreg`). fp32 "
+            "attention has configs of its own (its tf32x3 dots hold twice the operands). Shapes: head_dim 64, 16 heads, left 64 / right 8, 1024 channels, conv kernel 31, 30 s clips; "
             "every config the autotuner may pick (or the launcher uses).", ""]
     for kernel, rows in kernels.items():
         out.append(f"### `{kernel}`")

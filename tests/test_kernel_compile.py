@@ -8,8 +8,10 @@ benchmarks/results/compile-<triton version>.json. CI compiles, per triton versio
 bf16 (the dtype the model is served in) at the model's shapes on sm_90a (an H100) — registers and spills are a
 property of the config; fp16 compiles to the same registers as bf16, ±2, in the committed tables — plus every kernel's
 first config (the autotuner's first choice) in fp32 on sm_90a (fp32 takes another dot precision, a different register
-budget), in bf16 on sm_80 and in fp16 at the odd shape on sm_90a (masking and non-power-of-two code generation). About
-40 compiles a triton version, 1.5 minutes for both on 2 cores. See ``compile_check.plan``.
+budget, and for attention configs of its own), in bf16 on sm_80 and in fp16 at the odd shape on sm_90a (masking and
+non-power-of-two code generation). About 40 compiles a triton version, 1.5 minutes for both on 2 cores. See
+``compile_check.plan``. A config fails on a compile error, a spill, shared memory over the limit, or fewer than 12
+warps resident per SM.
 
 The check runs in a subprocess: it needs the real compiler, and this test session runs Triton's interpreter.
 """
@@ -113,7 +115,8 @@ def test_occupancy(registers, smem, warps, target, blocks, limited_by):
 def clean_record(**changes):
     record = dict(ok=True, kernel="_forward_kernel", module="w2vbert_fast.ops.rel_key_attention", target="sm_90a",
                   dtype="bfloat16", shape="w2v-bert-2.0", config={}, registers=128, spill_stores=0, spill_loads=0,
-                  shared_bytes=64 * 1024,
+                  shared_bytes=64 * 1024, num_warps=4,
+                  occupancy=dict(blocks_per_sm=3, warps_per_sm=12, limited_by=["shared memory"]),
                   sass=dict(dots=[dict(line=1, source="tl.dot(q, k)", mma=["HGMMA.64x64x16.F32.BF16"])],
                             fp64_arithmetic={}, fp64_lines=[], local_memory_instructions=0))
     record.update(changes)
@@ -128,6 +131,8 @@ def test_a_clean_compile_passes():
     (dict(ok=False, error="CompilationError: at 10:4: unsupported"), "compile error"),
     (dict(spill_stores=8, spill_loads=8), "spills"),
     (dict(spill_loads=4), "spills"),
+    (dict(registers=214, occupancy=dict(blocks_per_sm=2, warps_per_sm=8, limited_by=["registers"])),
+     "8 warps resident per SM < 12"),
     (dict(shared_bytes=228 * 1024), "shared memory"),
     (dict(target="sm_80", shared_bytes=164 * 1024), "shared memory"),
     (dict(sass=dict(dots=[dict(line=7, source="tl.dot(p, v)", mma=[])], fp64_arithmetic={}, fp64_lines=[],
@@ -135,14 +140,24 @@ def test_a_clean_compile_passes():
     (dict(sass=dict(dots=[], fp64_arithmetic={"DFMA": 2}, fp64_lines=["9: x = y * z"],
                     local_memory_instructions=0)), "fp64 arithmetic"),
     (dict(sass=dict(dots=[], fp64_arithmetic={}, fp64_lines=[], local_memory_instructions=3)), "local-memory"),
-], ids=["compile-error", "spill", "spill-loads-only", "smem-sm90", "smem-sm80", "dot-off-tensor-cores", "fp64",
+], ids=["compile-error", "spill", "spill-loads-only", "under-12-warps", "smem-sm90", "smem-sm80", "dot-off-tensor-cores", "fp64",
         "local-memory"])
 def test_what_fails_the_check(changes, reason):
     assert any(reason in why for why in compile_check.failures(clean_record(**changes)))
 
 
-def test_fp32_dots_need_no_tensor_cores():
-    """fp32 inputs take the "ieee" (FMA) path on purpose: a dot without MMA is expected there."""
-    record = clean_record(dtype="float32", sass=dict(dots=[dict(line=7, source="tl.dot(p, v)", mma=[])],
-                                                     fp64_arithmetic={}, fp64_lines=[], local_memory_instructions=0))
+FMA_DOT = dict(dots=[dict(line=7, source="tl.dot(p, v)", mma=[])], fp64_arithmetic={}, fp64_lines=[],
+               local_memory_instructions=0)
+
+
+def test_an_fp32_dot_may_run_as_fma_where_the_kernel_chose_ieee_precision():
+    """The fbank's mel sum is an fp32 "ieee" dot on purpose (the weak mel bins need it)."""
+    record = clean_record(kernel="_log_mel_kernel", module="w2vbert_fast.ops.log_mel_fbank", dtype="float32",
+                          sass=FMA_DOT)
     assert compile_check.failures(record) == []
+
+
+def test_attention_fp32_dots_must_stay_on_tensor_cores():
+    """Attention's fp32 dots are three tf32 products: an FMA dot there is ~15x slower and fails the check."""
+    record = clean_record(dtype="float32", sass=FMA_DOT)
+    assert any("without tensor-core MMA" in why for why in compile_check.failures(record))

@@ -114,13 +114,43 @@ def test_every_output_element_is_written(zero_padded_queries):
     assert_fp32_close(out, reference_fp32(q, k, v, table, 6, 3, lengths, zero_padded_queries))
 
 
-@pytest.mark.parametrize("config", sorted(set(kernel_module.FORWARD_CONFIGS)), ids=lambda c: "-".join(map(str, c)))
+def tuned_configs(tables):
+    return [pytest.param(c, id=f"{precision}-" + "-".join(map(str, c))) for precision, table in tables.items()
+            for c in table]
+
+
+@pytest.mark.parametrize("config", tuned_configs(kernel_module.FORWARD_CONFIGS))
 def test_every_tuned_forward_config_gives_the_same_result(config):
-    """The GPU autotuner may pick any of these; the interpreter runs each once on a ragged batch."""
+    """The GPU autotuner may pick any of these (each precision's own); the interpreter runs each once, in fp32, on a
+    ragged batch: the tile shapes and their masking, not the precision, are what differs."""
     q, k, v, table = make_inputs(2, 200, 1, 32, 64, 8, seed=4)
     lengths = torch.tensor([200, 71], device=DEVICE, dtype=torch.int32)
     out, _ = _launch(q, k, v, table, 64, 8, 32 ** -0.5, lengths, True, config=config)
     assert_fp32_close(out, reference_fp32(q, k, v, table, 64, 8, lengths))
+
+
+@pytest.mark.parametrize("tables", [kernel_module.FORWARD_CONFIGS, kernel_module.DKDV_CONFIGS,
+                                    kernel_module.DQ_CONFIGS], ids=["forward", "dkdv", "dq"])
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "half"), (torch.float16, "half"),
+                                              (torch.float32, "fp32")])
+def test_the_gpu_autotuner_tries_only_the_configs_checked_for_the_input_precision(tables, dtype, precision):
+    """fp32's dots hold twice the operands: the half-precision tiles would cut it to 8 resident warps per SM."""
+    gpu_configs = kernel_module._configs(tables, interpreted=False)
+    assert len(gpu_configs) == sum(map(len, tables.values()))
+    q = torch.empty(1, 8, 1, 64, dtype=dtype)
+    meta = kernel_module._common_meta(q, 3, 5, None, True)
+    kept = kernel_module._pruner(tables)(gpu_configs, {"q_ptr": q}, **meta)
+    assert [kernel_module._config_of(c) for c in kept] == tables[precision]
+    assert all(c.maxnreg == config[4] for c, config in zip(kept, tables[precision]))
+
+
+def test_fp64_on_a_gpu_runs_the_reference_not_an_unchecked_kernel_config(monkeypatch):
+    q, k, v, table = (t.double() for t in make_inputs(1, 9, 1, 8, 3, 5))
+    monkeypatch.setenv("W2VBERT_FAST_BACKEND", "auto")
+    monkeypatch.setattr(kernel_module, "use_triton", lambda *tensors: True)  # as on CUDA tensors
+    monkeypatch.setattr(kernel_module, "triton_interpreter_enabled", lambda: False)
+    assert kernel_module._implementation(q, k, v, table) == "torch"
+    assert kernel_module._implementation(q.float(), k.float(), v.float(), table.float()) == "triton"
 
 
 @pytest.mark.parametrize("length", [7, 65, 130])

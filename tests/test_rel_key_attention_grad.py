@@ -129,17 +129,15 @@ def kernel_backward(q, k, v, table, grad_out, left, right, lengths, zero_padded_
     return out, torch.stack((dq, dk, dv), dim=2), d_table
 
 
-def config_id(config):
-    return "-".join(map(str, config))
+def tuned_configs(keyword, tables):
+    return [pytest.param({keyword: c}, id=f"{keyword.split('_')[0]}-{precision}-" + "-".join(map(str, c)))
+            for precision, table in tables.items() for c in table]
 
 
 @pytest.mark.parametrize("zero_padded_queries", [True, False], ids=["zero-padded-rows", "computed-padded-rows"])
 @pytest.mark.parametrize(
     "configs",
-    [{"dkdv_config": c} for c in kernel_module.DKDV_CONFIGS] + [{"dq_config": c} for c in kernel_module.DQ_CONFIGS],
-    ids=[f"dkdv-{config_id(c)}" for c in kernel_module.DKDV_CONFIGS]
-    + [f"dq-{config_id(c)}" for c in kernel_module.DQ_CONFIGS],
-)
+    tuned_configs("dkdv_config", kernel_module.DKDV_CONFIGS) + tuned_configs("dq_config", kernel_module.DQ_CONFIGS))
 def test_every_tuned_backward_config_writes_every_gradient(backend, configs, zero_padded_queries):
     """The GPU autotuner may pick any of these; each runs once under the interpreter on a ragged batch whose
     length is no multiple of any block, gradients poisoned with NaN before the kernels write them."""

@@ -422,35 +422,78 @@ def _backward_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Each compiles for sm_90a and sm_80 in bf16, fp16 and fp32 at
-# w2v-bert-2.0's shapes (head_dim 64, R = 73), on triton 3.6 and 3.9, with no spill, and in half precision to
-# registers that let >= 12 warps be resident per SM (<= 168 per thread at 4 warps), checked with ptxas
-# (benchmarks/compile_check.py). Larger tiles were dropped: the forward at (64, 64, 4 warps) needs 168 registers
-# on sm_90 but 224 on sm_80; the backward passes at 32 × 32 fit in half precision but spill in fp32 (three tf32
-# products per dot), where no config reaches 12 warps. At 8 warps (<= 128 registers) only small M tiles fit.
-# (64, 16) fits but its P·V dot issues no tensor-core MMA on sm_90.
-FORWARD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)]
-DKDV_CONFIGS = [(16, 32, 4, 2)]
-DQ_CONFIGS = [(16, 64, 8, 2)]  # (16, 32, 4 warps) spills 4 B on triton 3.6, fp16, odd head sizes
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg), per input precision: fp16/bf16 ("half") and fp32 (its dots take
+# three tf32 products, the operands' high and low halves both in registers). Every config compiles for sm_90a and
+# sm_80 at w2v-bert-2.0's shapes (head_dim 64, R = 73), on triton 3.6 and 3.9, with no spill and to registers that let
+# >= 12 warps be resident per SM (<= 168 per thread at 4 warps, <= 128 at 8), checked with ptxas
+# (benchmarks/compile_check.py, which fails on any config below that).
+# Half: larger tiles were dropped: the forward at (64, 64, 4 warps) needs 168 registers on sm_90 but 224 on sm_80;
+# (64, 16) fits but its P·V dot issues no tensor-core MMA on sm_90; the dQ pass at (16, 32, 4 warps) spills 4 B on
+# triton 3.6 (fp16, odd head sizes).
+# fp32: the half tiles need 214-255 registers (8 warps per SM), so 16-row tiles. maxnreg caps where ptxas would
+# otherwise take more than it needs: the backward passes at (16, 16, 4 warps) fit in 168 without a spill but are
+# given 179-242 uncapped; the forward at (16, 64, 8 warps) fits in 128. Capping the half tiles instead spills.
+FORWARD_CONFIGS = {
+    "half": [(32, 32, 4, 2, None), (32, 64, 4, 2, None), (32, 64, 8, 2, None)],
+    "fp32": [(16, 32, 4, 2, None), (16, 64, 8, 2, 128)],
+}
+DKDV_CONFIGS = {
+    "half": [(16, 32, 4, 2, None)],
+    "fp32": [(16, 16, 4, 1, 168), (16, 16, 4, 2, 168)],
+}
+DQ_CONFIGS = {
+    "half": [(16, 64, 8, 2, None)],
+    "fp32": [(16, 16, 4, 1, 168), (16, 16, 4, 2, 168)],
+}
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
-INTERPRETER_CONFIG = (32, 16, 4, 1)
+INTERPRETER_CONFIG = (32, 16, 4, 1, None)
 
 
-def _configs(table, interpreted=None):
+def _precision(dot_precision):
+    """The config table a launch draws from, by the DOT_PRECISION it passes ("ieee", fp64, runs only under the
+    interpreter, with INTERPRETER_CONFIG)."""
+    return "fp32" if dot_precision == "tf32x3" else "half"
+
+
+def _triton_config(config):
+    block_m, block_n, warps, stages, maxnreg = config
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
+
+
+def _config_of(triton_config):
+    c = triton_config
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
+
+
+def _configs(tables, interpreted=None):
+    """One autotuner per pass over every precision's configs; _prune_by_precision keeps a launch's own."""
     interpreted = triton_interpreter_enabled() if interpreted is None else interpreted
-    return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m, block_n, warps, stages in ([INTERPRETER_CONFIG] if interpreted else table)
-    ]
+    if interpreted:
+        return [_triton_config(INTERPRETER_CONFIG)]
+    return [_triton_config(c) for table in tables.values() for c in table]
 
 
-_AUTOTUNE_KEY = ["LENGTH_BUCKET", "HEAD_DIM", "NUM_DISTANCES"]
-_forward_tuned = triton.autotune(configs=_configs(FORWARD_CONFIGS), key=_AUTOTUNE_KEY)(_forward_kernel)
-_dkdv_tuned = triton.autotune(configs=_configs(DKDV_CONFIGS), key=_AUTOTUNE_KEY)(_backward_dkdv_kernel)
+def _pruner(tables):
+    def prune_by_precision(configs, named_args, **kwargs):
+        allowed = set(tables[_precision({**named_args, **kwargs}["DOT_PRECISION"])])
+        return [c for c in configs if _config_of(c) in allowed]
+
+    return prune_by_precision
+
+
+def _autotuned(kernel, tables):
+    # the autotuner's cache key adds every tensor argument's dtype to these
+    return triton.autotune(configs=_configs(tables), key=["LENGTH_BUCKET", "HEAD_DIM", "NUM_DISTANCES"],
+                           prune_configs_by={"early_config_prune": _pruner(tables)})(kernel)
+
+
+_forward_tuned = _autotuned(_forward_kernel, FORWARD_CONFIGS)
+_dkdv_tuned = _autotuned(_backward_dkdv_kernel, DKDV_CONFIGS)
 # the dQ pass stores into d_table, which the launcher zeroes once: every config writes the same entries with the
 # same values, so tuning runs need no reset
-_dq_tuned = triton.autotune(configs=_configs(DQ_CONFIGS), key=_AUTOTUNE_KEY)(_backward_dq_kernel)
+_dq_tuned = _autotuned(_backward_dq_kernel, DQ_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -485,9 +528,11 @@ def _common_meta(q, left, right, lengths, zero_padded_queries):
 
 
 def _launch_config(config):
-    """A (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple as launch keywords (tests run every tuned config)."""
-    block_m, block_n, warps, stages = config
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    """A (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuple as launch keywords (tests run every tuned
+    config)."""
+    block_m, block_n, warps, stages, maxnreg = config
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, lse=None,
@@ -648,10 +693,14 @@ _AUTO_ON_CPU = "chunked"
 
 
 def _implementation(q, k, v, distance_embedding):
-    """"torch" (the literal reference, plain autograd), "triton" or "chunked"."""
+    """"torch" (the literal reference, plain autograd), "triton" or "chunked". fp64 on a GPU runs the reference: the
+    kernels' configs are compiled and checked for fp16, bf16 and fp32 only (fp64 is a numerics check; under the
+    interpreter, where CI runs it, the kernels take fp64 too)."""
     if backend() == "torch":
         return "torch"
     if use_triton(q, k, v, distance_embedding):
+        if q.dtype == torch.float64 and not triton_interpreter_enabled():
+            return "torch"
         return "triton"
     return _AUTO_ON_CPU
 
