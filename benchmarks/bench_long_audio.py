@@ -103,7 +103,8 @@ def test_cpu_long_audio(benchmark, case):
         median_ms=result["median_ms"], times_ms=result["times_ms"], peak_rss_bytes=result["peak_rss_bytes"],
         threads=result["threads"], load_average=result["load_average"], frames=result["frames"], layers=layers,
         audio_seconds=seconds, hours_audio_per_s=seconds / 3600 / (result["median_ms"] * 1e-3),
-        flops=flops, tflops=flops / (result["median_ms"] * 1e-3) / 1e12, dtype="float32", claim=True,
+        flops=flops, tflops=flops / (result["median_ms"] * 1e-3) / 1e12, peak_tflops=matmul_tflops(torch.float32),
+        mfu=flops / (result["median_ms"] * 1e-3) / 1e12 / matmul_tflops(torch.float32), dtype="float32", claim=True,
         **CONTENDERS[contender],
     )
 
