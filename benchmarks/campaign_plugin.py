@@ -5,8 +5,9 @@ timeout loses nothing and autotuning cannot eat the budget.
   and, when it ran a pytest-benchmark, the result as pytest-benchmark would write it in ``--benchmark-json``
   (``name``, ``fullname``, ``stats``, ``extra_info``), so the campaign can merge it into a file report.py reads.
 * ``--campaign-gpu-only``: keep only the tests marked GPU-only (a ``skipif`` whose reason names a GPU or CUDA).
-* ``W2VBERT_FAST_AUTOTUNE_MAX_CONFIGS=N``: every Triton autotuner in ``w2vbert_fast.ops`` keeps only its first N
-  configs (each file lists its configs best first), applied once the ops are imported, before any test runs.
+* ``W2VBERT_FAST_AUTOTUNE_MAX_CONFIGS=N``: every Triton autotuner in ``w2vbert_fast.ops`` tries only its first N
+  configs per launch (each file lists its configs best first; per precision where it prunes by one), applied once
+  the ops are imported, before any test runs.
 """
 
 import importlib
@@ -24,9 +25,23 @@ def pytest_addoption(parser):
     group.addoption("--campaign-gpu-only", action="store_true", help="run only the GPU-only tests")
 
 
+def cap_autotuner(autotuner, limit: int) -> bool:
+    """Make ``autotuner`` try at most ``limit`` configs per launch; whether anything was cut. An autotuner whose
+    ``early_config_prune`` picks the configs of a launch (attention: per input precision) is capped after it, so
+    every launch keeps its own first configs; any other loses the configs past ``limit``."""
+    prune = autotuner.early_config_prune
+    if prune is not None:
+        autotuner.early_config_prune = lambda configs, named_args, **kwargs: prune(configs, named_args, **kwargs)[:limit]
+        return len(autotuner.configs) > limit
+    if len(autotuner.configs) > limit:
+        autotuner.configs = autotuner.configs[:limit]
+        return True
+    return False
+
+
 def cap_autotuners(limit: int) -> list:
-    """Trim every ``triton.runtime.autotuner.Autotuner`` found in the ``w2vbert_fast.ops`` modules to its first
-    ``limit`` configs; returns ``[(module.name, configs before, after)]``."""
+    """Cap every ``triton.runtime.autotuner.Autotuner`` found in the ``w2vbert_fast.ops`` modules at ``limit``
+    configs per launch (``cap_autotuner``); returns ``[(module.name, configs before, limit)]`` of those cut."""
     from triton.runtime.autotuner import Autotuner
 
     import w2vbert_fast.ops as ops
@@ -35,9 +50,10 @@ def cap_autotuners(limit: int) -> list:
     for info in pkgutil.iter_modules(ops.__path__):
         module = importlib.import_module(f"{ops.__name__}.{info.name}")
         for name, value in vars(module).items():
-            if isinstance(value, Autotuner) and len(value.configs) > limit:
-                capped.append((f"{module.__name__}.{name}", len(value.configs), limit))
-                value.configs = value.configs[:limit]
+            if isinstance(value, Autotuner):
+                before = len(value.configs)
+                if cap_autotuner(value, limit):
+                    capped.append((f"{module.__name__}.{name}", before, limit))
     return capped
 
 

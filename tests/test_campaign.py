@@ -122,3 +122,23 @@ def test_summary_judges_each_target_from_the_rows_it_names():
     assert verdicts["long audio, 60 min in seconds"] == (20.0, False)
     text = campaign.summary([], document, 480, 100, {"device": "test"})
     assert "MISSED" in text and "not measured" in text
+
+
+def test_the_autotune_cap_keeps_each_precisions_own_first_configs():
+    """Attention's autotuners list every precision's configs and prune to the launch's own: a cap that cut the
+    list itself would leave fp32 launches with none."""
+    import types
+
+    plugin = load("campaign_plugin")
+    attention = importlib.import_module("w2vbert_fast.ops.rel_key_attention")
+    tables = attention.FORWARD_CONFIGS
+    tuner = types.SimpleNamespace(configs=attention._configs(tables, interpreted=False),
+                                  early_config_prune=attention._pruner(tables))
+    assert plugin.cap_autotuner(tuner, 1)
+    for dot_precision, precision in (("tf32", "half"), ("tf32x3", "fp32")):
+        kept = tuner.early_config_prune(tuner.configs, {}, DOT_PRECISION=dot_precision)
+        assert [attention._config_of(c) for c in kept] == tables[precision][:1]
+
+    plain = types.SimpleNamespace(configs=["a", "b", "c"], early_config_prune=None)
+    assert plugin.cap_autotuner(plain, 2) and plain.configs == ["a", "b"]
+    assert not plugin.cap_autotuner(plain, 2)
