@@ -432,7 +432,8 @@ def _backward_dq_kernel(
 # triton 3.6 (fp16, odd head sizes).
 # fp32: the half tiles need 214-255 registers (8 warps per SM), so 16-row tiles. maxnreg caps where ptxas would
 # otherwise take more than it needs: the backward passes at (16, 16, 4 warps) fit in 168 without a spill but are
-# given 179-242 uncapped; the forward at (16, 64, 8 warps) fits in 128. Capping the half tiles instead spills.
+# given up to 242 uncapped (dQ, sm_80); the forward at (16, 64, 8 warps) fits in 128. Capping the half tiles instead
+# spills.
 FORWARD_CONFIGS = {
     "half": [(32, 32, 4, 2, None), (32, 64, 4, 2, None), (32, 64, 8, 2, None)],
     "fp32": [(16, 32, 4, 2, None), (16, 64, 8, 2, 128)],
@@ -451,8 +452,8 @@ INTERPRETER_CONFIG = (32, 16, 4, 1, None)
 
 
 def _precision(dot_precision):
-    """The config table a launch draws from, by the DOT_PRECISION it passes ("ieee", fp64, runs only under the
-    interpreter, with INTERPRETER_CONFIG)."""
+    """Which table a launch draws its configs from, by the DOT_PRECISION it passes. ("ieee" is fp64, which runs the
+    kernels only under the interpreter, with INTERPRETER_CONFIG: no table is asked.)"""
     return "fp32" if dot_precision == "tf32x3" else "half"
 
 
@@ -468,7 +469,7 @@ def _config_of(triton_config):
 
 
 def _configs(tables, interpreted=None):
-    """One autotuner per pass over every precision's configs; _prune_by_precision keeps a launch's own."""
+    """An autotuner's configs: every precision's (``_pruner`` keeps a launch's own), or the interpreter's one."""
     interpreted = triton_interpreter_enabled() if interpreted is None else interpreted
     if interpreted:
         return [_triton_config(INTERPRETER_CONFIG)]
