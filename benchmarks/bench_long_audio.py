@@ -97,14 +97,14 @@ def test_cpu_long_audio(benchmark, case):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the time is the child's, recorded below
     label = f"{seconds // 60} min" if seconds >= 60 and seconds % 60 == 0 and seconds > 120 else f"{seconds} s"
     flops = encoder_flops(1, result["frames"], dict(_architecture(), num_hidden_layers=layers))
+    tflops, peak_tflops = flops / (result["median_ms"] * 1e-3) / 1e12, matmul_tflops(torch.float32)
     info.update(
         case=f"CPU {'short clip' if seconds < 30 else 'long audio'}, {layers} layers, {label}",
         contender=contender + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""),
         median_ms=result["median_ms"], times_ms=result["times_ms"], peak_rss_bytes=result["peak_rss_bytes"],
         threads=result["threads"], load_average=result["load_average"], frames=result["frames"], layers=layers,
         audio_seconds=seconds, hours_audio_per_s=seconds / 3600 / (result["median_ms"] * 1e-3),
-        flops=flops, tflops=flops / (result["median_ms"] * 1e-3) / 1e12, peak_tflops=matmul_tflops(torch.float32),
-        mfu=flops / (result["median_ms"] * 1e-3) / 1e12 / matmul_tflops(torch.float32), dtype="float32", claim=True,
+        flops=flops, tflops=tflops, peak_tflops=peak_tflops, mfu=tflops / peak_tflops, dtype="float32", claim=True,
         **CONTENDERS[contender],
     )
 

@@ -31,7 +31,10 @@ def cap_autotuner(autotuner, limit: int) -> bool:
     every launch keeps its own first configs; any other loses the configs past ``limit``."""
     prune = autotuner.early_config_prune
     if prune is not None:
-        autotuner.early_config_prune = lambda configs, named_args, **kwargs: prune(configs, named_args, **kwargs)[:limit]
+        def capped(configs, named_args, **kwargs):
+            return prune(configs, named_args, **kwargs)[:limit]
+
+        autotuner.early_config_prune = capped
         return len(autotuner.configs) > limit
     if len(autotuner.configs) > limit:
         autotuner.configs = autotuner.configs[:limit]

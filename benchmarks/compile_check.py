@@ -85,7 +85,8 @@ class Entry:
     meta-parameters + num_warps/num_stages); None for autotuned kernels.
     dtypes: the input dtypes the kernel is launched with (a kernel whose launcher fixes them lists one).
     expect: machine-code expectations, checked per compile: "mma_in_half" / "mma_in_fp32" (every tl.dot line issues
-    tensor-core MMA when the inputs are fp16/bf16 / fp32, i.e. tf32 products), "no_fp64" (no fp64 arithmetic anywhere), "no_local" (no local memory).
+    tensor-core MMA when the inputs are fp16/bf16 / fp32, i.e. tf32 products), "no_fp64" (no fp64 arithmetic
+    anywhere), "no_local" (no local memory).
     """
 
     args: Callable[[dict, str], Dict[str, object]]

@@ -115,7 +115,8 @@ def render_section(documents):
             "256, 64 warps, 32 blocks, 228 KB (sm_90a) / 164 KB (sm_80) of shared memory with 1 KB reserved per "
             "block). Spills are shown in bold as stored/loaded bytes per thread; ✗ marks another failure (listed "
             "below), e.g. fewer than 12 resident warps. \"≤ N regs\": the config caps registers (`maxnreg`). fp32 "
-            "attention has configs of its own (its tf32x3 dots hold twice the operands). Shapes: head_dim 64, 16 heads, left 64 / right 8, 1024 channels, conv kernel 31, 30 s clips; "
+            "attention has configs of its own (its tf32x3 dots hold twice the operands). Shapes: head_dim 64, 16 "
+            "heads, left 64 / right 8, 1024 channels, conv kernel 31, 30 s clips; "
             "every config the autotuner may pick (or the launcher uses).", ""]
     for kernel, rows in kernels.items():
         out.append(f"### `{kernel}`")

@@ -531,9 +531,7 @@ def _common_meta(q, left, right, lengths, zero_padded_queries):
 def _launch_config(config):
     """A (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuple as launch keywords (tests run every tuned
     config)."""
-    block_m, block_n, warps, stages, maxnreg = config
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _triton_config(config).all_kwargs()
 
 
 def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, lse=None,
