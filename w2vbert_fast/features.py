@@ -24,6 +24,8 @@ _PADDING_CHOICES = (True, False, "longest", "do_not_pad")
 # (Parseval; ×32768 scaling, DC removal and pre-emphasis at most ×3.94), which must stay below fp32's 3.4e38:
 # A = 1e9 leaves five orders of magnitude, and still admits int16-range samples passed as floats.
 MAX_ABS_SAMPLE = 1e9
+# The fewest samples a clip may have: two 25 ms frames (one frame's per-bin variance is undefined)
+MIN_SAMPLES = FRAME_LENGTH + HOP_LENGTH
 
 
 class FbankExtractor:
@@ -143,7 +145,7 @@ class FbankExtractor:
             clips = self._split(raw_speech)
         if not clips:
             raise ValueError("raw_speech holds no clip")
-        checked = [self._check_clip(i, clip) for i, clip in enumerate(clips)]
+        checked = [check_clip(clip, f"clip {i}") for i, clip in enumerate(clips)]
         sizes = [c.shape[0] for c in checked]
         waveforms = torch.empty(len(checked), max(sizes), dtype=torch.float32, device=device)
         for i, clip in enumerate(checked):
@@ -168,48 +170,51 @@ class FbankExtractor:
             return list(raw_speech)
         raise ValueError(f"raw_speech must be an array, a tensor or a list of them, got {type(raw_speech).__name__}")
 
-    @staticmethod
-    def _check_clip(index, clip) -> torch.Tensor:
-        if isinstance(clip, torch.Tensor):
-            tensor = clip.detach()
-        else:
-            try:
-                array = np.asarray(clip)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"clip {index} is not an array of samples: {error}") from None
-            if array.dtype == object:
-                raise ValueError(f"clip {index} is not an array of samples (ragged or non-numeric)")
-            tensor = torch.from_numpy(np.ascontiguousarray(array)) if array.dtype.kind in "fiub" else None
-            if tensor is None:
-                raise ValueError(f"clip {index} has samples of type {array.dtype}, expected floats")
-            if isinstance(clip, (list, tuple)) and not tensor.dtype.is_floating_point:
-                tensor = tensor.float()  # a Python list of numbers
-        if tensor.dim() != 1:
-            raise ValueError(
-                f"clip {index} must be mono, one dimension of samples; got shape {tuple(tensor.shape)} "
-                "(mix or pick a channel first)"
-            )
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(
-                f"clip {index} has {tensor.dtype} samples, expected floats in [-1, 1] (divide 16-bit PCM by 32768)"
-            )
-        samples = tensor.shape[0]
-        if samples < FRAME_LENGTH:
-            raise ValueError(f"clip {index} has {samples} samples, fewer than one {FRAME_LENGTH}-sample frame")
-        if num_frames(samples) < 2:
-            raise ValueError(
-                f"clip {index} has {samples} samples, a single frame (fewer than {FRAME_LENGTH + HOP_LENGTH}): its "
-                "per-bin variance is undefined (transformers returns NaN features); give at least 560 samples"
-            )
-        tensor = tensor.to(torch.float32)
-        # one pass, no copy, one sync for both checks: aminmax gives NaN for both ends when any sample is NaN
-        low, high = torch.aminmax(tensor)
-        peak = float(torch.maximum(-low, high))
-        if not math.isfinite(peak):
-            raise ValueError(f"clip {index} contains NaN or Inf samples")
-        if peak > MAX_ABS_SAMPLE:
-            raise ValueError(
-                f"clip {index} has a sample of magnitude {peak:.3g}, above {MAX_ABS_SAMPLE:.0e}: its fp32 power "
-                "spectrum would overflow to Inf and the features to NaN; samples are expected in [-1, 1]"
-            )
-        return tensor
+
+def check_clip(clip, name="clip") -> torch.Tensor:
+    """The one check of a clip of samples, for every caller (the extractor, ``extract``, ``demo``): mono, floating
+    point, at least two frames (``MIN_SAMPLES``), finite, no sample beyond ``MAX_ABS_SAMPLE``. Returns it as a
+    float32 tensor; raises a ValueError that starts with ``name``."""
+    if isinstance(clip, torch.Tensor):
+        tensor = clip.detach()
+    else:
+        try:
+            array = np.asarray(clip)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} is not an array of samples: {error}") from None
+        if array.dtype == object:
+            raise ValueError(f"{name} is not an array of samples (ragged or non-numeric)")
+        tensor = torch.from_numpy(np.ascontiguousarray(array)) if array.dtype.kind in "fiub" else None
+        if tensor is None:
+            raise ValueError(f"{name} has samples of type {array.dtype}, expected floats")
+        if isinstance(clip, (list, tuple)) and not tensor.dtype.is_floating_point:
+            tensor = tensor.float()  # a Python list of numbers
+    if tensor.dim() != 1:
+        raise ValueError(
+            f"{name} must be mono, one dimension of samples; got shape {tuple(tensor.shape)} "
+            "(mix or pick a channel first)"
+        )
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} has {tensor.dtype} samples, expected floats in [-1, 1] (divide 16-bit PCM by 32768)"
+        )
+    samples = tensor.shape[0]
+    if samples < FRAME_LENGTH:
+        raise ValueError(f"{name} has {samples} samples, fewer than one {FRAME_LENGTH}-sample frame")
+    if samples < MIN_SAMPLES:
+        raise ValueError(
+            f"{name} has {samples} samples, a single frame (fewer than {MIN_SAMPLES}, 35 ms at 16 kHz): its "
+            f"per-bin variance is undefined (transformers returns NaN features); give at least {MIN_SAMPLES} samples"
+        )
+    tensor = tensor.to(torch.float32)
+    # one pass, no copy, one sync for both checks: aminmax gives NaN for both ends when any sample is NaN
+    low, high = torch.aminmax(tensor)
+    peak = float(torch.maximum(-low, high))
+    if not math.isfinite(peak):
+        raise ValueError(f"{name} contains NaN or Inf samples")
+    if peak > MAX_ABS_SAMPLE:
+        raise ValueError(
+            f"{name} has a sample of magnitude {peak:.3g}, above {MAX_ABS_SAMPLE:.0e}: its fp32 power "
+            "spectrum would overflow to Inf and the features to NaN; samples are expected in [-1, 1]"
+        )
+    return tensor

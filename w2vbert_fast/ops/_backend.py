@@ -1,13 +1,18 @@
-"""Per-call backend choice shared by every op: ``W2VBERT_FAST_BACKEND=auto|triton|torch``.
+"""What every op shares: the per-call backend choice, the validation policy, the input checks and the launch
+metadata the compile check reads.
 
-``auto`` runs the Triton kernels on CUDA tensors and the PyTorch reference on CPU tensors. ``triton`` forces the
-kernels, on CPU tensors too, which only works under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton
-is imported): that is how CI, which has no GPU, checks the kernels themselves. ``torch`` forces the reference.
+``W2VBERT_FAST_BACKEND=auto|triton|torch``: ``auto`` runs the Triton kernels on CUDA tensors and each op's fast
+PyTorch path on CPU tensors (for attention the chunked O(L) path, not the literal reference). ``triton`` forces
+the kernels, on CPU tensors too, which only works under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported): that is how CI, which has no GPU, checks the kernels themselves. ``torch`` forces the literal
+references (the tests' oracle). Every op asks :func:`dispatch` which of the three runs.
 
 ``W2VBERT_FAST_VALIDATE=auto|1|0`` says when value checks that need the host run (see :func:`checks_values`).
 """
 
+import dataclasses
 import os
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -40,6 +45,52 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "before triton is imported, or use W2VBERT_FAST_BACKEND=auto|torch"
         )
     return True
+
+
+# What dispatch() returns: which code computes an op for this call.
+TRITON = "triton"  # the Triton kernels (on a GPU, or under the interpreter)
+FAST = "fast"  # the op's fast PyTorch path (the CPU product path)
+REFERENCE = "reference"  # the literal transformers-style reference (``W2VBERT_FAST_BACKEND=torch``)
+# The input dtypes the kernels are compiled and checked for on a GPU (benchmarks/tools/compile_check.py).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dispatch(*tensors: torch.Tensor, kernel_dtypes=KERNEL_DTYPES) -> str:
+    """The one dispatch rule of every op: TRITON, FAST or REFERENCE for a call on ``tensors``.
+
+    ``torch`` → REFERENCE; ``triton`` or ``auto`` on CUDA tensors → TRITON, except for an input dtype outside
+    ``kernel_dtypes`` on a real GPU (no compiled, checked config exists for it: REFERENCE; the interpreter takes
+    every dtype); ``auto`` on CPU tensors → FAST. Reads only devices and dtypes: no host sync.
+    """
+    if backend() == "torch":
+        return REFERENCE
+    if not use_triton(*tensors):
+        return FAST
+    dtype = next(t.dtype for t in tensors if t is not None)
+    if dtype not in kernel_dtypes and not triton_interpreter_enabled():
+        return REFERENCE
+    return TRITON
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """How one kernel is launched, for the compile check (``LAUNCH_META`` at the end of each op file: {kernel
+    name: KernelLaunch}); the op's own launcher code computes the same arguments, so there is no second copy.
+
+    kernel: what the launcher calls (the autotuner, or the JIT function).
+    args(shape, dtype) → {argument name: example}: a torch dtype for a pointer, a Python scalar for the rest,
+    constexprs included, except a config's meta-parameters. ``shape`` is a dict with batch, length, heads,
+    head_dim, left, right, kernel_size, samples; ``dtype`` the input dtype's name ("bfloat16", "float16", ...).
+    configs(dtype) → [triton.Config] the launcher may run on a GPU for inputs of that dtype.
+    dtypes: the input dtypes it is launched with. expect: machine-code expectations the check enforces
+    ("mma_in_half", "mma_in_fp32", "no_fp64", "no_local").
+    """
+
+    kernel: object
+    args: Callable[[Dict[str, int], str], Dict[str, object]]
+    configs: Callable[[str], list]
+    dtypes: Tuple[str, ...] = ("bfloat16", "float16", "float32")
+    expect: Tuple[str, ...] = ("no_local",)
 
 
 def check_lengths(lengths, batch: int) -> None:

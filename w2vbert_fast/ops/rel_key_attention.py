@@ -41,16 +41,24 @@ def rel_key_attention_reference(q, k, v, distance_embedding, left, right, scale,
     """
     batch, length, heads, head_dim = q.shape
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    positions = torch.arange(length, device=q.device)
-    distance = (positions[None, :] - positions[:, None]).clamp(-left, right) + left
-    emb = distance_embedding.to(q.dtype)[distance]  # (L, L, D)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores + torch.einsum("bhld,lrd->bhlr", qh, emb) * scale
+    scores = scores + rel_key_bias_reference(qh, distance_embedding, left, right, scale)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :].bool(), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, vh)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def rel_key_bias_reference(q, distance_embedding, left, right, scale):
+    """transformers' (B, H, L, L) position bias scale·q_i·E[clamp(j − i, −left, right) + left], through the (L, L, D)
+    gather as transformers builds it; q: (B, H, L, D). The one copy of this arithmetic (the unfused model path uses
+    it too)."""
+    length = q.shape[2]
+    positions = torch.arange(length, device=q.device)
+    distance = (positions[None, :] - positions[:, None]).clamp(-left, right) + left
+    emb = distance_embedding.to(q.dtype)[distance]  # (L, L, D)
+    return torch.einsum("bhld,lrd->bhlr", q, emb) * scale
 
 
 # ------------------------------------------------------------------------------------------------- kernels
