@@ -7,8 +7,6 @@ Unknown keys (``architectures``, ``id2label``, ``torch_dtype``, …) are kept as
 import json
 import os
 
-ACTIVATIONS = ("swish", "silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid",
-               "selu", "mish", "linear")
 POSITION_EMBEDDING_TYPES = ("relative_key", "relative", "rotary", None)
 
 DEFAULTS = {
@@ -182,6 +180,9 @@ class Wav2Vec2BertConfig:
             raise ValueError(f"rotary position embeddings need an even head size, got {self.head_size}")
         if self.position_embeddings_type == "relative" and self.hidden_size % 2:
             raise ValueError(f"relative position embeddings need an even config.hidden_size, got {self.hidden_size}")
+        # imported here, not at the top: modeling imports this module, and the names live in its one table
+        from .modeling.activations import ACTIVATIONS
+
         for name in ("hidden_act", "adapter_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ValueError(f"config.{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
