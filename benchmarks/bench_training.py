@@ -59,7 +59,9 @@ def training_model(contender: str):
     model.load_state_dict(weights, strict=True)
     model = model.float().train()
     if contender.endswith("+ checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the switch and warns on the old name; older releases have only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     if contender.startswith("ours"):
         w2vbert_fast.optimize(model)
     return model
