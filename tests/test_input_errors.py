@@ -55,3 +55,47 @@ def test_unknown_backend_is_rejected(monkeypatch, model):
     monkeypatch.setenv("W2VBERT_FAST_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="W2VBERT_FAST_BACKEND"):
         model(torch.randn(1, 9, 20))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30], ids=["nan", "inf", "-inf", "1e30"])
+def test_non_finite_or_huge_features_are_a_value_error_naming_them(model, bad):
+    features = torch.randn(2, 9, 20)
+    features[1, 4, 7] = bad
+    with pytest.raises(ValueError, match="input_features hold"):
+        model(features)
+
+
+def test_non_finite_features_are_refused_by_a_patched_model_too():
+    import sys
+
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    from model_helpers import transformers_model
+
+    patched = w2vbert_fast.optimize(transformers_model())
+    features = torch.randn(1, 9, 20)
+    features[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input_features hold NaN or Inf"):
+        patched(features)
+
+
+def test_unchecked_features_are_not_read_on_the_host(monkeypatch, model):
+    """W2VBERT_FAST_VALIDATE=0: no value check (the policy a CUDA tensor gets by default: no sync)."""
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    features = torch.randn(1, 9, 20)
+    features[0, 0, 0] = float("nan")
+    assert torch.isnan(model(features).last_hidden_state).any()
+
+
+@pytest.mark.parametrize("features_dtype, model_dtype", [(torch.float64, torch.float32), (torch.float16, torch.float32),
+                                                          (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_features_in_another_dtype_than_the_model_name_both(features_dtype, model_dtype):
+    model = w2vbert_fast.Wav2Vec2BertModel(w2vbert_fast.Wav2Vec2BertConfig(**CONFIG)).to(model_dtype).eval()
+    with pytest.raises(ValueError, match=rf"input_features are {str(features_dtype)[6:]} but the model's weights are "
+                                         rf"{str(model_dtype)[6:]}"):
+        model(torch.randn(1, 9, 20, dtype=features_dtype))
+
+
+def test_features_in_another_dtype_run_under_autocast(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 9, 20, dtype=torch.bfloat16))
+    assert torch.isfinite(out.last_hidden_state).all()

@@ -122,3 +122,15 @@ def test_position_tables_are_rebuilt_after_loading(tmp_path, position_type):
     with torch.no_grad():
         assert max_diff_on_valid(model(features, attention_mask=mask).last_hidden_state,
                                  hf(features, attention_mask=mask).last_hidden_state, LENGTHS) <= FP32_ATOL
+
+
+def test_a_non_floating_weight_is_refused_at_load_naming_the_tensor(tmp_path):
+    saved(tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "model.safetensors")
+    name = "encoder.layers.0.ffn1.intermediate_dense.weight"
+    state[name] = state[name].to(torch.int32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor {name} is stored as int32, expected a floating-point weight"):
+        w2vbert_fast.Wav2Vec2BertModel.from_pretrained(tmp_path)

@@ -99,11 +99,16 @@ def read_state_dict(files, dtype=None, device=None, names=None) -> dict:
                     continue
                 tensor = f.get_tensor(name)
                 stored = tensor.dtype
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if not tensor.is_floating_point():
+                    # every weight and buffer of the model is floating point: an integer tensor is a damaged or
+                    # foreign checkpoint, and load_state_dict would fail on it with a traceback that names nothing
+                    raise ValueError(f"{path}: tensor {name} is stored as {str(stored)[6:]}, expected a floating-point "
+                                     f"weight: the checkpoint is not a Wav2Vec2-BERT model saved by transformers")
+                if not bool(torch.isfinite(tensor).all()):
                     bad = int((~torch.isfinite(tensor)).sum())
                     raise ValueError(f"{path}: tensor {name} holds {bad} NaN or Inf values of {tensor.numel()}: the "
                                      f"checkpoint is damaged; download or save it again")
-                if dtype is not None and tensor.is_floating_point():
+                if dtype is not None:
                     tensor = tensor.to(dtype)
                     if not bool(torch.isfinite(tensor).all()):
                         raise ValueError(f"{path}: tensor {name} overflows {str(dtype)[6:]} (stored as "

@@ -48,7 +48,9 @@ def optimize(model):
     same object; state_dict keys and values are unchanged; calling it again is harmless. A w2vbert_fast model is
     returned as it is (it is fast already). Anything else is a TypeError.
 
-    Attention weights are never materialised on the fast path: ``output_attentions=True`` returns None for them.
+    ``output_attentions=True`` returns the weights transformers returns (an eager-attention model: every encoder
+    layer's; sdpa: none, as transformers): the attention runs its reference path for that call, quadratic in memory
+    (warned once). Every other call runs the fused path and materialises nothing of size L×L.
     """
     if isinstance(model, (modeling.Wav2Vec2BertModel, modeling.Wav2Vec2BertForCTC)):
         return model

@@ -3,6 +3,8 @@ O(L) memory), Transformer-XL relative, rotary or none through SDPA; and the posi
 them."""
 
 import math
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -105,7 +107,10 @@ class Wav2Vec2BertSelfAttention(nn.Module):
             num_positions = self.left_max_position_embeddings + self.right_max_position_embeddings + 1
             self.distance_embedding = nn.Embedding(num_positions, self.head_size)
 
-    def forward(self, hidden_states, padding: Optional[Padding] = None, relative_position_embeddings=None):
+    def forward(self, hidden_states, padding: Optional[Padding] = None, relative_position_embeddings=None,
+                output_attentions=False):
+        """Returns (output (B, L, hidden), attention weights (B, H, L, L) when ``output_attentions``, else None).
+        The weights take the reference path for that call (quadratic in memory; warned once)."""
         batch, length, _ = hidden_states.shape
         heads, head_dim = self.num_heads, self.head_size
         query_key_states = hidden_states
@@ -116,7 +121,11 @@ class Wav2Vec2BertSelfAttention(nn.Module):
         v = self.linear_v(hidden_states).view(batch, length, heads, head_dim)
         dropout_p = self.dropout.p if self.training else 0.0
 
-        if self.position_embeddings_type == "relative_key" and dropout_p == 0.0:
+        weights = None
+        if output_attentions:
+            _warn_quadratic_once()
+            out, weights = attention_with_weights(self, q, k, v, padding, relative_position_embeddings, dropout_p)
+        elif self.position_embeddings_type == "relative_key" and dropout_p == 0.0:
             left, right = self.left_max_position_embeddings, self.right_max_position_embeddings
             table = self.distance_embedding.weight
             if padding is None:
@@ -126,14 +135,45 @@ class Wav2Vec2BertSelfAttention(nn.Module):
                                             zero_padded_queries=not padding.keep_padded_rows)
         else:
             out = attention_with_bias(self, q, k, v, padding, relative_position_embeddings, dropout_p)
-        return self.linear_out(out), None
+        return self.linear_out(out), weights
 
 
-def attention_with_bias(attention, q, k, v, padding, relative_position_embeddings, dropout_p):
-    """The unfused paths: SDPA (rotary, no position information, the adapter) or an explicit bias (relative;
-    relative_key while training with attention dropout). Returns (B, L, H·D)."""
-    batch, length, heads, head_dim = q.shape
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+_warned_quadratic = False
+
+
+def _warn_quadratic_once():
+    global _warned_quadratic
+    if not _warned_quadratic:
+        _warned_quadratic = True
+        warnings.warn("output_attentions=True: w2vbert_fast computes the attention weights on its reference path for "
+                      "this call, with memory quadratic in the length (B × heads × L × L per layer)", stacklevel=3)
+
+
+def attention_weights_requested(config, output_attentions=None) -> bool:
+    """Whether a forward must return attention weights, as transformers decides it: an explicit
+    ``output_attentions``, else transformers' output recorder (5.x collects them from each encoder attention's
+    second output while a model forward runs), else ``config.output_attentions``. Only an eager-attention
+    transformers model returns weights (sdpa and the others return none, and transformers warns so itself)."""
+    if getattr(config, "_attn_implementation", "eager") not in (None, "eager"):
+        return False
+    if output_attentions is not None:
+        return bool(output_attentions)
+    collected = _transformers_recorder()
+    if collected is not None:
+        return "attentions" in collected
+    return bool(getattr(config, "output_attentions", False))
+
+
+def _transformers_recorder():
+    """What transformers' output recorder collects in the running forward ({name: list}), or None."""
+    recorder = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(recorder, "_active_collector", None)
+    return collector.get() if collector is not None else None
+
+
+def _queries_and_bias(attention, q, k, padding, relative_position_embeddings):
+    """(B, H, L, D) queries (Transformer-XL adds pos_bias_u) and the additive (B, H, L, L) position bias with the
+    key mask folded in (a bool key mask alone when there is no position bias; None when neither)."""
     bias = None
     kind = attention.position_embeddings_type
     if kind == "relative":
@@ -147,8 +187,33 @@ def attention_with_bias(attention, q, k, v, padding, relative_position_embedding
             bias = key_mask
         else:
             bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+    return q, bias
+
+
+def attention_with_bias(attention, q, k, v, padding, relative_position_embeddings, dropout_p):
+    """The unfused paths: SDPA (rotary, no position information, the adapter) or an explicit bias (relative;
+    relative_key while training with attention dropout). Returns (B, L, H·D)."""
+    batch, length, heads, head_dim = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    q, bias = _queries_and_bias(attention, q, k, padding, relative_position_embeddings)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=attention.scaling)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def attention_with_weights(attention, q, k, v, padding, relative_position_embeddings, dropout_p):
+    """transformers' eager attention: explicit scores, softmax in the input dtype, dropout on the weights.
+    Returns ((B, L, H·D), weights (B, H, L, L))."""
+    batch, length, heads, head_dim = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, bias = _queries_and_bias(attention, q, k, padding, relative_position_embeddings)
+    scores = torch.matmul(q, k.transpose(2, 3)) * attention.scaling
+    if bias is not None and bias.dtype == torch.bool:
+        scores = scores.masked_fill(~bias, torch.finfo(scores.dtype).min)
+    elif bias is not None:
+        scores = scores + bias
+    weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0.0)
+    out = torch.matmul(weights, v)
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim), weights
 
 
 def relative_position_bias(attention, query, key, relative_position_embeddings):

@@ -7,6 +7,8 @@ module of the same name also has, and calls helpers as module-level functions, s
 loaded transformers model as is.
 """
 
+import contextlib
+import math
 from functools import partial
 from typing import Optional
 
@@ -15,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._backend import checks_values
 from .activations import activation, is_silu
 from .attention import (Wav2Vec2BertRelPositionalEmbedding, Wav2Vec2BertRotaryPositionalEmbedding,
-                        Wav2Vec2BertSelfAttention)
+                        Wav2Vec2BertSelfAttention, attention_weights_requested)
 from .masks import Padding
 from .outputs import EncoderOutput
 
@@ -31,14 +34,27 @@ class Wav2Vec2BertFeatureProjection(nn.Module):
         self.dropout = nn.Dropout(config.feat_proj_dropout)
 
     def forward(self, hidden_states):
-        check_input_features(hidden_states, self.layer_norm.normalized_shape[0])
+        check_input_features(hidden_states, self.layer_norm.normalized_shape[0], self.layer_norm.weight.dtype)
         norm_hidden_states = self.layer_norm(hidden_states)
         hidden_states = self.dropout(self.projection(norm_hidden_states))
         return hidden_states, norm_hidden_states
 
 
-def check_input_features(input_features, feature_dim):
-    """The public boundary: features must be a floating (batch, frames, feature_dim) tensor, finite."""
+# The largest |feature| accepted: the feature projection's LayerNorm squares deviations, so 1e19 already overflows
+# fp32 into NaN; normalised log-mel features are of order 1, unnormalised ones below 100.
+MAX_ABS_FEATURE = 1e9
+
+
+def check_input_features(input_features, feature_dim, model_dtype=None):
+    """The public boundary: features must be a floating (batch, frames, feature_dim) tensor in the model's dtype,
+    finite and of sane magnitude.
+
+    The dtype must match (outside autocast) rather than being cast: transformers refuses the mismatch too (deep
+    inside, as "mat1 and mat2 must have the same dtype"), and a silent cast would hide a bf16 model fed fp32
+    features, or fp16 features losing precision into an fp32 model. Finiteness needs the host to read the values,
+    so it is checked where that is free (``ops._backend.checks_values``: CPU tensors outside torch.compile, or
+    ``W2VBERT_FAST_VALIDATE=1``), the same policy as masks.
+    """
     if not isinstance(input_features, torch.Tensor):
         raise ValueError(f"input_features must be a torch.Tensor, got {type(input_features).__name__}")
     if input_features.dim() != 3:
@@ -55,6 +71,21 @@ def check_input_features(input_features, feature_dim):
         raise ValueError(f"input_features must be a floating-point tensor, got {input_features.dtype}")
     if input_features.shape[0] == 0 or input_features.shape[1] == 0:
         raise ValueError(f"input_features must hold at least one frame per sequence, got shape {tuple(input_features.shape)}")
+    if (model_dtype is not None and input_features.dtype != model_dtype
+            and not torch.is_autocast_enabled(input_features.device.type)):
+        raise ValueError(
+            f"input_features are {str(input_features.dtype)[6:]} but the model's weights are {str(model_dtype)[6:]}: "
+            f"cast them (input_features.to({model_dtype})) or run under torch.autocast"
+        )
+    if checks_values(input_features):
+        low, high = torch.aminmax(input_features.detach())  # one pass, one sync; NaN anywhere makes both NaN
+        peak = float(torch.maximum(-low, high))
+        if not peak <= MAX_ABS_FEATURE:
+            raise ValueError(
+                f"input_features hold {'NaN or Inf values' if not math.isfinite(peak) else f'a value of magnitude {peak:.3g}'}"
+                f" (at most {MAX_ABS_FEATURE:.0e} expected; normalised log-mel features are of order 1): every "
+                "output would be NaN. Check the audio and the feature extraction that made them"
+            )
 
 
 class Wav2Vec2BertFeedForward(nn.Module):
@@ -133,21 +164,23 @@ class Wav2Vec2BertEncoderLayer(nn.Module):
         self.ffn2 = Wav2Vec2BertFeedForward(config)
         self.final_layer_norm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, padding: Optional[Padding] = None, relative_position_embeddings=None):
+    def forward(self, hidden_states, padding: Optional[Padding] = None, relative_position_embeddings=None,
+                output_attentions=False):
         # Checkpointed here, inside forward, as transformers 5.2x does (its wrapper on the class's forward never
         # runs once optimize() binds this one to the instance): module hooks stay outside the recompute.
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(partial(conformer_block, self), hidden_states, padding,
-                                                     relative_position_embeddings)
-        return conformer_block(self, hidden_states, padding, relative_position_embeddings)
+                                                     relative_position_embeddings, output_attentions)
+        return conformer_block(self, hidden_states, padding, relative_position_embeddings, output_attentions)
 
 
-def conformer_block(layer, hidden_states, padding, relative_position_embeddings):
+def conformer_block(layer, hidden_states, padding, relative_position_embeddings, output_attentions=False):
     """The encoder layer's computation (``layer``: ours or transformers' Wav2Vec2BertEncoderLayer)."""
     residual = hidden_states
     hidden_states = layer.ffn1(layer.ffn1_layer_norm(hidden_states)) * 0.5 + residual
     residual = hidden_states
-    hidden_states, _ = layer.self_attn(layer.self_attn_layer_norm(hidden_states), padding, relative_position_embeddings)
+    hidden_states, _ = layer.self_attn(layer.self_attn_layer_norm(hidden_states), padding, relative_position_embeddings,
+                                       output_attentions)
     hidden_states = layer.self_attn_dropout(hidden_states) + residual
     hidden_states = hidden_states + layer.conv_module(hidden_states, padding)
     residual = hidden_states
@@ -168,7 +201,10 @@ class Wav2Vec2BertEncoder(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([Wav2Vec2BertEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False, output_attentions=None,
+                **kwargs):
+        """``output_attentions``: None decides as transformers does (see ``attention_weights_requested``); the
+        weights are the encoder attentions' second outputs, recorded as transformers' output recorder does."""
         batch, length, _ = hidden_states.shape
         padding = Padding.from_attention_mask(attention_mask, length, batch, keep_padded_rows=self.config.add_adapter)
         if padding is not None:
@@ -177,17 +213,37 @@ class Wav2Vec2BertEncoder(nn.Module):
         positions = self.embed_positions(hidden_states) if self.embed_positions is not None else None
         all_hidden_states = []
         layerdrop = self.config.layerdrop if self.training else 0.0
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if layerdrop > 0.0 and torch.rand([]) < layerdrop:
-                continue
-            # nn.Module.__call__, not the layer's own: transformers up to 5.1x checkpoints in
-            # GradientCheckpointingLayer.__call__, and our forward checkpoints already (twice = two recomputes)
-            hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions)
+        output_attentions = attention_weights_requested(self.config, output_attentions)
+        with _recording_attention_weights(self.layers, output_attentions) as attentions:
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden_states.append(hidden_states)
+                if layerdrop > 0.0 and torch.rand([]) < layerdrop:
+                    continue
+                # nn.Module.__call__, not the layer's own: transformers up to 5.1x checkpoints in
+                # GradientCheckpointingLayer.__call__, and our forward checkpoints already (twice = two recomputes)
+                hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions, output_attentions)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        return EncoderOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None)
+        return EncoderOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None,
+                             tuple(attentions) if output_attentions else None)
+
+
+@contextlib.contextmanager
+def _recording_attention_weights(layers, enabled):
+    """Collect each layer's attention weights (its self_attn's second output) during one forward. Hooks, not return
+    values, because the layer's forward returns hidden states alone, as transformers' does; removed at the end, so a
+    checkpointed layer's recompute in the backward records nothing."""
+    recorded = []
+    handles = []
+    if enabled:
+        handles = [layer.self_attn.register_forward_hook(lambda module, args, output: recorded.append(output[1]))
+                   for layer in layers]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------ adapter

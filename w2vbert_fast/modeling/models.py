@@ -79,25 +79,28 @@ class Wav2Vec2BertModel(_PreTrained):
         if config.use_intermediate_ffn_before_adapter:
             self.intermediate_ffn = Wav2Vec2BertFeedForward(config, act_fn="relu")
 
-    def forward(self, input_features, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_features, attention_mask=None, output_hidden_states=False, output_attentions=False):
         """input_features: (B, T, 160) floating; attention_mask: optional (B, T), 1 = real frame, 0 = padding,
         read as right padding (see :class:`Padding`: built on the device, no host sync, so the masked forward
         compiles in one graph and captures into a CUDA graph; holes are an error where values are checked).
 
         Returns ``.last_hidden_state`` (B, T', output size), ``.extract_features`` (the normalised input) and, when
         asked, ``.hidden_states``: a tuple of num_hidden_layers + 1 tensors (the input to the first layer, then
-        each layer's output), as transformers returns them. Padded positions are finite but may differ from
+        each layer's output), as transformers returns them; ``output_attentions``: ``.attentions``, each encoder
+        layer's (B, heads, T, T) weights as transformers' eager attention gives them, computed on the reference
+        path for that call (memory quadratic in T; warned once). Padded positions are finite but may differ from
         transformers'.
         """
         hidden_states, extract_features = self.feature_projection(input_features)
         encoder_outputs = self.encoder(hidden_states, attention_mask=attention_mask,
-                                       output_hidden_states=output_hidden_states)
+                                       output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden_states = encoder_outputs.last_hidden_state
         if self.intermediate_ffn is not None:
             hidden_states = hidden_states + 0.5 * self.intermediate_ffn(hidden_states)
         if self.adapter is not None:
             hidden_states = self.adapter(hidden_states, attention_mask=attention_mask)
-        return Wav2Vec2BertModelOutput(hidden_states, extract_features, encoder_outputs.hidden_states)
+        return Wav2Vec2BertModelOutput(hidden_states, extract_features, encoder_outputs.hidden_states,
+                                       encoder_outputs.attentions)
 
     def output_lengths(self, input_lengths):
         """Frames out of the model for ``input_lengths`` frames in (the adapter subsamples)."""
@@ -122,9 +125,10 @@ class Wav2Vec2BertForCTC(_PreTrained):
         output_size = config.output_hidden_size if config.add_adapter else config.hidden_size
         self.lm_head = nn.Linear(output_size, config.vocab_size)
 
-    def forward(self, input_features, attention_mask=None, labels=None, output_hidden_states=False):
+    def forward(self, input_features, attention_mask=None, labels=None, output_hidden_states=False,
+                output_attentions=False):
         outputs = self.wav2vec2_bert(input_features, attention_mask=attention_mask,
-                                     output_hidden_states=output_hidden_states)
+                                     output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.lm_head(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -134,7 +138,7 @@ class Wav2Vec2BertForCTC(_PreTrained):
                 attention_mask = torch.ones(input_features.shape[:2], device=input_features.device, dtype=torch.long)
             logit_lengths = self.wav2vec2_bert.output_lengths(attention_mask.sum(-1)).to(torch.long)
             loss = ctc_loss(logits, labels, logit_lengths, self.config)
-        return CTCOutput(logits=logits, loss=loss, hidden_states=outputs.hidden_states)
+        return CTCOutput(logits=logits, loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def ctc_loss(logits, labels, logit_lengths, config, ignore_index=-100):
