@@ -225,8 +225,8 @@ class Wav2Vec2BertEncoder(nn.Module):
                 hidden_states = nn.Module.__call__(layer, hidden_states, padding, positions, output_attentions)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        return EncoderOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None,
-                             tuple(attentions) if output_attentions else None)
+        return EncoderOutput(hidden_states, hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+                             attentions=tuple(attentions) if output_attentions else None)
 
 
 @contextlib.contextmanager

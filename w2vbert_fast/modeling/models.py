@@ -99,8 +99,8 @@ class Wav2Vec2BertModel(_PreTrained):
             hidden_states = hidden_states + 0.5 * self.intermediate_ffn(hidden_states)
         if self.adapter is not None:
             hidden_states = self.adapter(hidden_states, attention_mask=attention_mask)
-        return Wav2Vec2BertModelOutput(hidden_states, extract_features, encoder_outputs.hidden_states,
-                                       encoder_outputs.attentions)
+        return Wav2Vec2BertModelOutput(hidden_states, extract_features, hidden_states=encoder_outputs.hidden_states,
+                                       attentions=encoder_outputs.attentions)
 
     def output_lengths(self, input_lengths):
         """Frames out of the model for ``input_lengths`` frames in (the adapter subsamples)."""

@@ -19,12 +19,18 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-def backend() -> str:
-    """The backend asked for by the environment, read at every call so tests can switch it."""
-    name = os.environ.get("W2VBERT_FAST_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"W2VBERT_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+def _environment_choice(variable: str, choices: tuple) -> str:
+    """``variable``'s value, one of ``choices`` (the first is the default), read at every call so tests can switch
+    it; anything else is a ValueError naming the variable."""
+    name = os.environ.get(variable, choices[0]).strip().lower() or choices[0]
+    if name not in choices:
+        raise ValueError(f"{variable} must be one of {choices}, got {name!r}")
     return name
+
+
+def backend() -> str:
+    """``W2VBERT_FAST_BACKEND``: the backend asked for."""
+    return _environment_choice("W2VBERT_FAST_BACKEND", BACKENDS)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -106,11 +112,8 @@ VALIDATE_MODES = ("auto", "1", "0")
 
 
 def validate_mode() -> str:
-    """``W2VBERT_FAST_VALIDATE=auto|1|0``, read at every call: whether value checks that need the host run."""
-    name = os.environ.get("W2VBERT_FAST_VALIDATE", "auto").strip().lower() or "auto"
-    if name not in VALIDATE_MODES:
-        raise ValueError(f"W2VBERT_FAST_VALIDATE must be one of {VALIDATE_MODES}, got {name!r}")
-    return name
+    """``W2VBERT_FAST_VALIDATE=auto|1|0``: whether value checks that need the host run."""
+    return _environment_choice("W2VBERT_FAST_VALIDATE", VALIDATE_MODES)
 
 
 def checks_values(*tensors: torch.Tensor) -> bool:
