@@ -12,8 +12,9 @@ import torch
 from conftest import FP32_ATOL, assert_fp32_close
 from safetensors import safe_open
 
-from w2vbert_fast.__main__ import main, random_model
-from w2vbert_fast.audio import AudioError, audio_info, read_audio, resample_audio
+from w2vbert_fast.cli import main
+from w2vbert_fast.cli.common import random_model
+from w2vbert_fast.extract.audio import AudioError, audio_info, read_audio, resample_audio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,6 +106,42 @@ def test_demo_without_transformers_uses_the_torch_reference(capsys):
     assert "W2VBERT_FAST_BACKEND=torch" in out and "PyTorch reference" in out
 
 
+# ------------------------------------------------------------------------------------------------ bench
+def test_bench_without_the_test_extras_names_the_install(tmp_path):
+    """The README's first venv has no pytest: bench says which install it needs instead of a bare ImportError."""
+    hide_pytest = ("import sys; sys.modules['pytest'] = None; from w2vbert_fast.cli import main; "
+                   "sys.exit(main(['bench']))")
+    result = subprocess.run([sys.executable, "-c", hide_pytest], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert 'bench needs the test extras, and pytest is not installed: pip install -e ".[test]"' in result.stderr
+    assert "No module named" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_prints_one_table_the_reports(tmp_path, monkeypatch):
+    """pytest-benchmark's own table is off (--benchmark-quiet); the report of the JSON it wrote is the table."""
+    from w2vbert_fast.cli import bench
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        json_arg = [a for a in command if str(a).startswith("--benchmark-json=")]
+        if json_arg:
+            open(json_arg[0].split("=", 1)[1], "w").write("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    json_path = tmp_path / "cpu.json"
+    assert main(["bench", "--json", str(json_path), "-k", "encoder"]) == 0
+    pytest_command, report_command = commands
+    assert pytest_command[1:3] == ["-m", "pytest"] and "--benchmark-only" in pytest_command
+    assert "--benchmark-quiet" in pytest_command and pytest_command[-2:] == ["-k", "encoder"]
+    assert report_command[1:] == [os.path.join(bench.REPO, bench.REPORT), str(json_path)]
+    assert os.path.isfile(report_command[1])
+    assert os.path.isfile(os.path.join(bench.REPO, bench.CAMPAIGN))  # what --budget-s runs
+
+
 # ---------------------------------------------------------------------------------------------- extract
 def test_extract_writes_reports_unreadable_and_resumes(clips, tmp_path, capsys):
     out = tmp_path / "out"
@@ -185,7 +222,7 @@ def test_wav_encodings(tmp_path, bits, floating, tolerance):
 
 
 def test_bundled_clip_matches_the_test_copy():
-    from w2vbert_fast.audio import bundled_clip_path
+    from w2vbert_fast.extract.audio import bundled_clip_path
 
     bundled, rate = read_audio(bundled_clip_path())
     test_copy, _ = read_audio(os.path.join(ROOT, "tests", "data", "speech_en_16k.wav"))

@@ -12,8 +12,8 @@ import torch
 from conftest import assert_fp32_close
 from test_cli import read_output, speechy, write_wav
 
-from w2vbert_fast.__main__ import main
-from w2vbert_fast.distributed import Ranks, assign_by_length
+from w2vbert_fast.cli import main
+from w2vbert_fast.extract.ranks import Heartbeat, Job, assign_by_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_split_breaks_ties_by_path_then_count_so_it_does_not_depend_on_input_ord
 
 # ------------------------------------------------------------------------------------- end-of-job wait
 class FakeStore:
-    """The three store calls Ranks makes, on a dict (what torchrun's TCPStore does across processes)."""
+    """The three store calls Heartbeat makes, on a dict (what torchrun's TCPStore does across processes)."""
 
     def __init__(self):
         self.data = {}
@@ -75,47 +75,47 @@ def beating(ranks, store, peers):
 
 def test_a_rank_that_exited_early_ends_the_wait_at_once_and_rank_0_tells_the_others():
     store = FakeStore()
-    ranks = Ranks(torch.device("cpu"), rank=0, world_size=3, store=store, timeout=60.0)
+    ranks = Heartbeat(store, rank=0, world_size=3, timeout=60.0)
     ranks.state = "done"
     beating(ranks, store, {0: "done", 1: "exited", 2: "running"})
     start = time.monotonic()
-    assert ranks.wait_for_all(sys.stderr) == ["rank 1 exited before finishing"]
+    assert ranks.wait_for_all() == ["rank 1 exited before finishing"]
     assert time.monotonic() - start < 5
     assert json.loads(store.get("verdict")) == ["rank 1 exited before finishing"]
     # rank 2 takes rank 0's verdict rather than judging rank 1 itself
-    other = Ranks(torch.device("cpu"), rank=2, world_size=3, store=store, timeout=60.0)
-    assert other.wait_for_all(sys.stderr) == ["rank 1 exited before finishing"]
+    other = Heartbeat(store, rank=2, world_size=3, timeout=60.0)
+    assert other.wait_for_all() == ["rank 1 exited before finishing"]
 
 
 def test_a_silent_rank_ends_the_wait_after_the_timeout_and_a_beating_one_does_not():
     store = FakeStore()
-    ranks = Ranks(torch.device("cpu"), rank=0, world_size=3, store=store, timeout=2.5)
+    ranks = Heartbeat(store, rank=0, world_size=3, timeout=2.5)
     store.set("rank1", peer_record("running", 7))  # never beats again: a crashed rank
     beating(ranks, store, {0: "done", 2: "running"})
     start = time.monotonic()
-    assert ranks.wait_for_all(sys.stderr) == ["rank 1 silent for 2.5 s (crashed? see --rank-timeout)"]
+    assert ranks.wait_for_all() == ["rank 1 silent for 2.5 s (crashed? see --rank-timeout)"]
     assert 2.5 <= time.monotonic() - start < 10
 
 
 def test_the_others_stop_waiting_when_rank_0_falls_silent():
     store = FakeStore()
     store.set("rank0", peer_record("done", 1))  # killed while waiting: no verdict will come
-    ranks = Ranks(torch.device("cpu"), rank=1, world_size=2, store=store, timeout=1.5)
+    ranks = Heartbeat(store, rank=1, world_size=2, timeout=1.5)
     beating(ranks, store, {1: "done"})
-    assert ranks.wait_for_all(sys.stderr) == ["rank 0 silent for 1.5 s (crashed? see --rank-timeout)"]
+    assert ranks.wait_for_all() == ["rank 0 silent for 1.5 s (crashed? see --rank-timeout)"]
 
 
 def test_the_wait_ends_with_nothing_lost_when_every_rank_is_done():
     store = FakeStore()
-    ranks = Ranks(torch.device("cpu"), rank=0, world_size=2, store=store, timeout=60.0)
+    ranks = Heartbeat(store, rank=0, world_size=2, timeout=60.0)
     beating(ranks, store, {0: "done", 1: "done"})
-    assert ranks.wait_for_all(sys.stderr) == []
+    assert ranks.wait_for_all() == []
     assert json.loads(store.get("verdict")) == []
 
 
 def test_one_process_is_one_rank_and_changes_nothing(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    ranks = Ranks.from_env(torch.device("cpu"))
+    ranks = Job.join(torch.device("cpu"))
     assert not ranks.distributed and ranks.rank == 0 and ranks.world_size == 1
     clips, failures = [("a.wav", "a"), ("b.wav", "b")], [("c.wav", "c.wav: no such file or folder")]
     assert ranks.split(clips, failures) == (clips, failures)

@@ -16,7 +16,8 @@ from conftest import assert_fp32_close
 from safetensors.torch import save_file
 from test_cli import ROOT, read_output, speechy, write_wav
 
-from w2vbert_fast.__main__ import main, random_model
+from w2vbert_fast.cli import main
+from w2vbert_fast.cli.common import random_model
 
 TINY = ["--random-weights", "tiny", "--batch-seconds", "10"]
 
@@ -104,7 +105,7 @@ def test_fifo_and_vanished_file_are_listed(folder, tmp_path, capsys, monkeypatch
     os.mkfifo(folder / "pipe.wav")  # reading it would block for ever
     doomed = folder / "doomed.wav"
     write_wav(doomed, speechy(0.5, 9))
-    import w2vbert_fast.audio as audio
+    import w2vbert_fast.extract.audio as audio
 
     real_audio_info = audio.audio_info
 
@@ -219,7 +220,7 @@ def test_outputs_get_the_umask_mode(folder, tmp_path):
 
 
 def test_each_output_is_fsynced_before_its_rename(tmp_path, monkeypatch):
-    from w2vbert_fast.outputs import save_hidden_states
+    from w2vbert_fast.extract.store import save_hidden_states
 
     events, real_fsync, real_replace = [], os.fsync, os.replace
 
@@ -249,8 +250,8 @@ def test_huge_samples_are_rejected_by_name(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert extract(folder, "--out", out, *TINY, "--layer", "1") == 1
     err = capsys.readouterr().err
-    assert f"{folder / 'spike.wav'}: a sample of magnitude 1e+20, above 1e+09" in err
-    assert f"{folder / 'loud.wav'}: a sample of magnitude" in err
+    assert f"{folder / 'spike.wav'} has a sample of magnitude 1e+20, above 1e+09" in err
+    assert f"{folder / 'loud.wav'} has a sample of magnitude" in err
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
 
 
@@ -366,12 +367,12 @@ def test_read_only_output_folder_is_found_before_any_work(folder, tmp_path):
 def test_write_failure_mid_run_stops_with_one_line(folder, tmp_path, capsys, monkeypatch):
     import errno
 
-    import w2vbert_fast.extract as extract_module
+    import w2vbert_fast.extract.store as store
 
     def disk_full(path, hidden_states, metadata):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(extract_module, "save_hidden_states", disk_full)
+    monkeypatch.setattr(store, "save_hidden_states", disk_full)
     assert extract(folder, "--out", tmp_path / "out", *TINY) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("python -m w2vbert_fast extract: error: cannot write ")
@@ -413,8 +414,8 @@ def test_layer_defaults_to_what_the_model_has(folder, tmp_path, capsys):
 @pytest.mark.parametrize("audio, message", [
     ("missing.wav", "missing.wav: no such file"),
     ("notes.wav", "notes.wav: not a WAV file"),
-    ("short.wav", "short.wav: 300 samples at 16 kHz is too short (at least 560"),
-    ("loud.wav", "loud.wav: samples reach 1e+12, above 1e+09"),
+    ("short.wav", "short.wav has 300 samples, fewer than one 400-sample frame"),
+    ("loud.wav", "loud.wav has a sample of magnitude 1e+12, above 1e+09"),
 ])
 def test_demo_audio_faults_are_one_line(tmp_path, capsys, audio, message):
     (tmp_path / "notes.wav").write_text("hello")

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from w2vbert_fast.progress import Display, Snapshot, combine, eta_seconds, format_duration, format_line
+from w2vbert_fast.extract.progress import Display, Snapshot, combine, eta_seconds, format_duration, format_line
 
 
 @pytest.mark.parametrize("seconds,text", [(0, "0s"), (44.6, "45s"), (59.4, "59s"), (60, "1m00s"), (365, "6m05s"),

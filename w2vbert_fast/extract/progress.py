@@ -1,13 +1,14 @@
 """Progress of a long extraction: clips, hours of audio, audio-hours per second and the time left, as one live
 line on a terminal or a plain line every so often otherwise (logs, batch schedulers).
 
-Only arithmetic and formatting live here; the numbers come from the caller. Under torchrun each rank reports a
-``Snapshot`` of its own share and rank 0 shows the job as a whole (``combine`` and ``eta_seconds`` over all
-ranks), so the time left is that of the slowest rank, not of the average one.
+Only counting (``Tally``), arithmetic and formatting live here; the numbers come from the caller. Under torchrun
+each rank reports a ``Snapshot`` of its own share and rank 0 shows the job as a whole (``combine`` and
+``eta_seconds`` over all ranks), so the time left is that of the slowest rank, not of the average one.
 """
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,33 @@ class Snapshot:
     seconds: float = 0.0
     failed: int = 0
     elapsed: float = 0.0
+
+
+class Tally:
+    """This rank's counters: set up once the work is planned, updated by the batch loop after each batch, read by
+    whoever shows or publishes them (under torchrun, the heartbeat thread: hence the lock)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.current = Snapshot()
+        self.started = clock()
+
+    def start(self, batches, clips, seconds):
+        """The work to do; ``elapsed`` counts from here."""
+        with self.lock:
+            self.current = Snapshot(batches=batches, clips=clips, seconds=seconds)
+            self.started = self.clock()
+
+    def update(self, batches_done, clips_done, seconds_done, failed) -> Snapshot:
+        with self.lock:
+            self.current = replace(self.current, batches_done=batches_done, clips_done=clips_done,
+                                   seconds_done=seconds_done, failed=failed, elapsed=self.clock() - self.started)
+            return self.current
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            return self.current
 
 
 def combine(snapshots) -> Snapshot:

@@ -1,4 +1,4 @@
-"""Reading audio files for the command line: WAV with the standard library, everything else with soundfile.
+"""Reading audio files for ``extract`` and ``demo``: WAV with the standard library, everything else with soundfile.
 
 ``read_audio(path) -> (float32 mono samples in [-1, 1], sample rate)``; ``audio_info(path)`` reads only the header.
 WAV (PCM 8/16/24/32-bit, IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE) is parsed here, so no extra
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
+from ..ops.log_mel_fbank import SAMPLE_RATE
+
 WAV_EXTENSIONS = (".wav", ".wave")
 SOUNDFILE_EXTENSIONS = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
 AUDIO_EXTENSIONS = WAV_EXTENSIONS + SOUNDFILE_EXTENSIONS

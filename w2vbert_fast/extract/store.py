@@ -1,4 +1,9 @@
-"""The files ``extract`` writes, and whether one already on disk can be trusted on a rerun.
+"""Where ``extract`` puts each clip's output, how it writes it, and whether one already on disk can be trusted on
+a rerun.
+
+Layout: ``OUT/<name>.safetensors`` per clip (``<name>``: the clip's path below the folder it was found in, without
+its extension), a tensor ``hidden_states`` (frames, hidden) and metadata: what it was computed with (layer, dtype,
+model identity, source path), which version of the source it read (size, mtime), and the clip's sample counts.
 
 A file is written whole or not at all: bytes to ``NAME.partial``, fsync, rename, fsync of the folder, so neither a
 crash nor a power cut leaves a file that a rerun would take for done. It gets the mode the umask allows, like any
@@ -11,15 +16,66 @@ another layer, model or dtype, or from another source file: valid data that this
 """
 
 import os
+import tempfile
+from dataclasses import dataclass
 
 import torch
 
-from .ops.log_mel_fbank import num_frames
+from ..ops.log_mel_fbank import SAMPLE_RATE, num_frames
+from .errors import ExtractError
 
 # metadata that names what an output was computed with: another value means another result, not a damaged file
 SETTINGS = ("layer", "dtype", "model_config_sha256", "model_weights", "source")
 # metadata that says which version of the source file was read: another value means the output is out of date
 SOURCE_VERSION = ("source_size", "source_mtime_ns")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What this run computes with, as its outputs record it: the layer, the dtype, the model's identity."""
+
+    layer: int
+    dtype: torch.dtype
+    model_identity: dict  # {"model_config_sha256": …, "model_weights": …}
+
+
+def output_path(out_dir, name) -> str:
+    return os.path.join(out_dir, name + ".safetensors")
+
+
+def check_output_folder(folder):
+    """ExtractError unless files can be created in ``folder`` (made if missing): found before any work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".w2vbert_fast-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise ExtractError(f"--out {folder}: cannot write there ({error.strerror}); choose another folder or make "
+                           f"it writable") from None
+
+
+def expected_metadata(path, settings: Settings) -> dict:
+    """The metadata an output of ``path`` computed now carries (every key of SETTINGS and SOURCE_VERSION); an
+    OSError if the source cannot be stat'ed."""
+    source = os.stat(path)
+    return {"layer": str(settings.layer), "dtype": str(settings.dtype)[6:], "source": os.path.abspath(path),
+            "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns),
+            **settings.model_identity}
+
+
+def write_clip(out, hidden_states, metadata, num_samples, source_rate, run_metadata):
+    """One clip's output, with its sample counts and ``run_metadata`` (model description, package version)
+    added to ``metadata``. A write that fails (a full or read-only disk) would fail every clip after it: an
+    ExtractError stops the run there."""
+    try:
+        save_hidden_states(out, hidden_states, {
+            **metadata, "sample_rate": str(SAMPLE_RATE), "source_sample_rate": str(source_rate),
+            "num_samples": str(num_samples), **run_metadata,
+        })
+    except OSError as error:
+        raise ExtractError(f"cannot write {out} ({error.strerror}); outputs written so far are complete and a rerun "
+                           f"resumes after them") from None
 
 
 def save_hidden_states(path, hidden_states, metadata):
@@ -45,6 +101,21 @@ def save_hidden_states(path, hidden_states, metadata):
             os.close(folder)
     except OSError:
         pass
+
+
+def manifest_row(path, out) -> dict:
+    """{clip, output, frames, seconds} of the output ``out`` of clip ``path``, read from its safetensors header (no
+    tensor data)."""
+    from safetensors import safe_open
+
+    with safe_open(out, framework="pt") as f:
+        frames = f.get_slice("hidden_states").get_shape()[0]
+        metadata = f.metadata() or {}
+    try:
+        seconds = int(metadata["num_samples"]) / int(metadata["sample_rate"])
+    except (KeyError, ValueError):
+        seconds = None  # written by a version that did not record it
+    return dict(clip=path, output=out, frames=frames, seconds=seconds)
 
 
 def hidden_frames(num_samples: int) -> int:
