@@ -142,12 +142,12 @@ class Heartbeat:
     """This rank's record in the job's store — ``{state, beat, snapshot}``, state running | done | exited —
     published every BEAT_SECONDS by a thread, the other ranks' records, and the end-of-job wait on them.
 
-    ``progress()`` gives this rank's counters for each record; ``show(snapshots, final)`` (rank 0, once set by
+    ``counters()`` gives this rank's progress for each record; ``show(snapshots, final)`` (rank 0, once set by
     :meth:`show_progress`) writes the job's progress line from every rank's."""
 
-    def __init__(self, store, rank, world_size, timeout, progress=progress.Snapshot):
+    def __init__(self, store, rank, world_size, timeout, counters=progress.Snapshot):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
-        self.progress = progress
+        self.counters = counters
         self.show = None
         self.state = "running"
         self.lock = threading.Lock()  # state and the progress line: once this rank is done the wait shows it
@@ -163,7 +163,7 @@ class Heartbeat:
             self.show = show
 
     def publish(self):
-        record = dict(state=self.state, beat=time.monotonic_ns(), snapshot=self.progress().__dict__)
+        record = dict(state=self.state, beat=time.monotonic_ns(), snapshot=self.counters().__dict__)
         self.store.set(f"rank{self.rank}", json.dumps(record))
 
     def read_all(self, ranks=None):
@@ -290,7 +290,7 @@ class Job:
         self.heartbeat = None
         if membership.distributed:
             self.heartbeat = Heartbeat(membership.store, membership.rank, membership.world_size, timeout,
-                                       progress=self.tally.snapshot)
+                                       counters=self.tally.snapshot)
 
     @classmethod
     def join(cls, device, timeout=300.0):
