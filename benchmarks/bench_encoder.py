@@ -43,7 +43,7 @@ ROTATIONS = 2  # distinct batches per contender
 # ------------------------------------------------------------------------------------------ shared set-up
 @functools.lru_cache(maxsize=None)
 def speech_clip() -> np.ndarray:
-    from w2vbert_fast.audio import bundled_clip_path, read_audio
+    from w2vbert_fast.extract.audio import bundled_clip_path, read_audio
 
     return read_audio(bundled_clip_path())[0]
 

@@ -504,7 +504,8 @@ def check_clip(clip, name="clip") -> torch.Tensor:
         )
     samples = tensor.shape[0]
     if samples < FRAME_LENGTH:
-        raise ValueError(f"{name} has {samples} samples, fewer than one {FRAME_LENGTH}-sample frame")
+        raise ValueError(f"{name} has {samples} samples, fewer than one {FRAME_LENGTH}-sample frame (at least "
+                         f"{MIN_SAMPLES}, 35 ms at 16 kHz, are needed)")
     if samples < MIN_SAMPLES:
         raise ValueError(
             f"{name} has {samples} samples, a single frame (fewer than {MIN_SAMPLES}, 35 ms at 16 kHz): its "
