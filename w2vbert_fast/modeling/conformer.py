@@ -202,9 +202,18 @@ class Wav2Vec2BertEncoder(nn.Module):
         self.layers = nn.ModuleList([Wav2Vec2BertEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, hidden_states, attention_mask=None, output_hidden_states=False, output_attentions=None,
-                **kwargs):
+                output_layer=None, **kwargs):
         """``output_attentions``: None decides as transformers does (see ``attention_weights_requested``); the
-        weights are the encoder attentions' second outputs, recorded as transformers' output recorder does."""
+        weights are the encoder attentions' second outputs, recorded as transformers' output recorder does.
+        ``output_layer``: run layers 1 … N only and return hidden state N as ``last_hidden_state`` (the numbering of
+        ``hidden_states``: 0 is this forward's input); the layers after it never run."""
+        layers = self.layers[:check_output_layer(output_layer, len(self.layers))] if output_layer is not None \
+            else self.layers
+        if output_layer is not None and _is_transformers_module(self) and _has_heads_after_encoder(self.config):
+            # transformers' Model.forward would run its adapter / intermediate FFN on hidden state N
+            raise ValueError("output_layer on an optimize()d transformers model with an adapter or an intermediate "
+                             "FFN: take output_hidden_states=True instead, or load the model with "
+                             "w2vbert_fast.Wav2Vec2BertModel.from_pretrained, whose output_layer skips them")
         batch, length, _ = hidden_states.shape
         padding = Padding.from_attention_mask(attention_mask, length, batch, keep_padded_rows=self.config.add_adapter)
         if padding is not None:
@@ -214,8 +223,8 @@ class Wav2Vec2BertEncoder(nn.Module):
         all_hidden_states = []
         layerdrop = self.config.layerdrop if self.training else 0.0
         output_attentions = attention_weights_requested(self.config, output_attentions)
-        with _recording_attention_weights(self.layers, output_attentions) as attentions:
-            for layer in self.layers:
+        with _recording_attention_weights(layers, output_attentions) as attentions:
+            for layer in layers:
                 if output_hidden_states:
                     all_hidden_states.append(hidden_states)
                 if layerdrop > 0.0 and torch.rand([]) < layerdrop:
@@ -227,6 +236,21 @@ class Wav2Vec2BertEncoder(nn.Module):
             all_hidden_states.append(hidden_states)
         return EncoderOutput(hidden_states, hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
                              attentions=tuple(attentions) if output_attentions else None)
+
+
+def check_output_layer(output_layer, num_layers) -> int:
+    if isinstance(output_layer, bool) or not isinstance(output_layer, int) or not 0 <= output_layer <= num_layers:
+        raise ValueError(f"output_layer must be an int in [0, {num_layers}] (0 = the feature projection's output, "
+                         f"as hidden_states[0]), got {output_layer!r}")
+    return output_layer
+
+
+def _is_transformers_module(module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _has_heads_after_encoder(config) -> bool:
+    return bool(config.add_adapter or getattr(config, "use_intermediate_ffn_before_adapter", False))
 
 
 @contextlib.contextmanager

@@ -79,7 +79,8 @@ class Wav2Vec2BertModel(_PreTrained):
         if config.use_intermediate_ffn_before_adapter:
             self.intermediate_ffn = Wav2Vec2BertFeedForward(config, act_fn="relu")
 
-    def forward(self, input_features, attention_mask=None, output_hidden_states=False, output_attentions=False):
+    def forward(self, input_features, attention_mask=None, output_hidden_states=False, output_attentions=False,
+                output_layer=None):
         """input_features: (B, T, 160) floating; attention_mask: optional (B, T), 1 = real frame, 0 = padding,
         read as right padding (see :class:`Padding`: built on the device, no host sync, so the masked forward
         compiles in one graph and captures into a CUDA graph; holes are an error where values are checked).
@@ -90,14 +91,19 @@ class Wav2Vec2BertModel(_PreTrained):
         layer's (B, heads, T, T) weights as transformers' eager attention gives them, computed on the reference
         path for that call (memory quadratic in T; warned once). Padded positions are finite but may differ from
         transformers'.
+
+        ``output_layer=N``: ``.last_hidden_state`` is ``hidden_states[N]`` (0 = the feature projection's output,
+        N = num_hidden_layers the last layer's, before any adapter), computed by layers 1 … N alone: nothing after
+        layer N runs and no other layer's states are kept (what bulk extraction of one layer wants).
         """
         hidden_states, extract_features = self.feature_projection(input_features)
         encoder_outputs = self.encoder(hidden_states, attention_mask=attention_mask,
-                                       output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                                       output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                       output_layer=output_layer)
         hidden_states = encoder_outputs.last_hidden_state
-        if self.intermediate_ffn is not None:
+        if self.intermediate_ffn is not None and output_layer is None:
             hidden_states = hidden_states + 0.5 * self.intermediate_ffn(hidden_states)
-        if self.adapter is not None:
+        if self.adapter is not None and output_layer is None:
             hidden_states = self.adapter(hidden_states, attention_mask=attention_mask)
         return Wav2Vec2BertModelOutput(hidden_states, extract_features, hidden_states=encoder_outputs.hidden_states,
                                        attentions=encoder_outputs.attentions)
