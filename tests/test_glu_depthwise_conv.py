@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 from conftest import FP32_ATOL, HAS_CUDA, assert_fp32_close, assert_half_precision_close, requires_cuda
 from model_helpers import randomize_
 
@@ -101,13 +102,13 @@ def test_every_output_element_is_written_whatever_the_tiling(config):
     lengths = torch.tensor([45, 20, 1], device=DEVICE, dtype=torch.int32)
     out = torch.full((3, 45, 72), float("nan"), device=DEVICE)
     block_t, block_c, num_warps, programs = config
-    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out,
-            config=({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps, programs))
+    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, programs=programs,
+            config=triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps=num_warps, num_stages=1))
     assert torch.isfinite(out).all()
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
 
 
-GPU_CONFIGS = kernel_module._autotune_configs(interpreted=False)
+GPU_CONFIGS = kernel_module.FORWARD_CONFIGS
 
 
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: "T{BLOCK_T}-C{BLOCK_C}".format(**c.kwargs))
@@ -116,7 +117,7 @@ def test_every_gpu_autotune_config_is_correct(config):
     x, weight, ln_weight, ln_bias = make_inputs(2, 37, 136, 31, seed=6)
     lengths = torch.tensor([37, 9], device=DEVICE, dtype=torch.int32)
     out = torch.full((2, 37, 136), float("nan"), device=DEVICE)
-    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, config=(config.kwargs, config.num_warps, 2))
+    _launch(x, weight, ln_weight, ln_bias, EPS, lengths, out=out, config=config, programs=2)
     assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths))
 
 
@@ -309,8 +310,8 @@ def run_backward(inputs, dout, lengths, **configs):
     return _launch_backward(dout, x, weight, ln_weight, ln_bias, lengths, mean, rstd, dx=dx, dconv=dconv, **configs)
 
 
-NORM_CONFIGS = kernel_module._norm_backward_configs(interpreted=False)
-GLU_CONFIGS = kernel_module._glu_backward_configs(interpreted=False)
+NORM_CONFIGS = kernel_module.NORM_BACKWARD_CONFIGS
+GLU_CONFIGS = kernel_module.GLU_BACKWARD_CONFIGS
 
 
 def config_id(config):
@@ -323,7 +324,7 @@ def test_every_gpu_config_of_the_layernorm_backward_is_correct(config):
     inputs = make_inputs(2, 21, 136, 31, seed=11)
     lengths = torch.tensor([21, 6], device=DEVICE, dtype=torch.int32)
     dout = make_dout(2, 21, 136)
-    ours = run_backward(inputs, dout, lengths, norm_config=(config.kwargs, config.num_warps, 2))
+    ours = run_backward(inputs, dout, lengths, norm_config=config, norm_programs=2)
     for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
         assert_gradient_close(name, actual, expected)
 
@@ -337,7 +338,7 @@ def test_every_gpu_config_of_the_glu_conv_backward_is_correct(config):
     lengths = torch.tensor([length, block_t - 3], device=DEVICE, dtype=torch.int32)
     dout = make_dout(2, length, 136)
     # target programs: 2 sequences × 2 chunks (of the widest config, 128) × 3 splits, capped at 2 by the length
-    ours = run_backward(inputs, dout, lengths, glu_config=(config.kwargs, config.num_warps, 12))
+    ours = run_backward(inputs, dout, lengths, glu_config=config, glu_programs=12)
     for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
         assert_gradient_close(name, actual, expected)
 
@@ -348,8 +349,9 @@ def test_every_gradient_element_is_written_whatever_the_split(programs):
     inputs = make_inputs(3, 29, 40, 31, seed=13)
     lengths = torch.tensor([29, 12, 1], device=DEVICE, dtype=torch.int32)
     dout = make_dout(3, 29, 40)
-    ours = run_backward(inputs, dout, lengths, norm_config=({"BLOCK_T": 8, "BLOCK_C": 32}, 4, programs),
-                        glu_config=({"BLOCK_T": 8, "BLOCK_C": 32}, 4, programs * 3 * 2))
+    tiling = triton.Config({"BLOCK_T": 8, "BLOCK_C": 32}, num_warps=4, num_stages=1)
+    ours = run_backward(inputs, dout, lengths, norm_config=tiling, norm_programs=programs, glu_config=tiling,
+                        glu_programs=programs * 3 * 2)
     for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths)):
         assert_gradient_close(name, actual, expected)
 

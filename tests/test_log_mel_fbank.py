@@ -1,12 +1,18 @@
-"""ops.log_mel_fbank: the Triton kernels (interpreted on CPU in CI, fp32 in, fp64 framing and FFT) against the
-fp64 PyTorch reference, which tests/test_features.py holds against transformers."""
+"""ops.log_mel_fbank: the Triton kernels (interpreted on CPU in CI, fp32 in, fp64 framing and FFT) and the fast CPU
+path against the literal reference (transformers' steps, fp64), which tests/test_features.py holds against
+transformers itself."""
+
+import importlib
 
 import pytest
 import torch
+import triton
 from conftest import FBANK_ATOL, HAS_CUDA
 
 from w2vbert_fast.ops import log_mel_fbank, log_mel_fbank_reference
-from w2vbert_fast.ops.log_mel_fbank import _launch_log_mel, log_mel_reference, num_frames
+from w2vbert_fast.ops.log_mel_fbank import _launch_log_mel, log_mel_cpu, log_mel_reference, num_frames
+
+fbank_module = importlib.import_module("w2vbert_fast.ops.log_mel_fbank")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -48,12 +54,25 @@ def test_every_frame_is_written_whatever_the_block(frames_block, mel_block, bins
     frames per program of either kernel and the DFT bins per step of the mel sum."""
     waves, lengths = padded_batch([3000, 900, 1200], seed=1)
     out = torch.full((3, int(num_frames(3000)), 80), float("nan"), device=DEVICE)
-    _launch_log_mel(waves, lengths.to(torch.int32), frames_config=dict(BLOCK_F=frames_block, num_warps=4),
-                    log_mel_config=dict(BLOCK_F=mel_block, BLOCK_K=bins_block, num_warps=4), out=out)
+    _launch_log_mel(waves, lengths.to(torch.int32), frames_config=triton.Config({"BLOCK_F": frames_block}, num_warps=4),
+                    log_mel_config=triton.Config({"BLOCK_F": mel_block, "BLOCK_K": bins_block}, num_warps=4), out=out)
     assert torch.isfinite(out).all()
     for i, n in enumerate(lengths.tolist()):
         assert (out[i, int(num_frames(n)):] == 0).all()
         assert (out[i, : int(num_frames(n))] != 0).any()
+
+
+@pytest.mark.parametrize("frames", [255, 256, 257, 513])
+def test_fast_cpu_path_matches_the_reference_across_its_chunk_boundaries(backend, frames):
+    """The fast path works in chunks of 256 frames of one clip: clips ending either side of a chunk boundary, before
+    normalisation and after (what ``auto`` runs on CPU tensors)."""
+    backend("auto")
+    n = (frames - 1) * 160 + 400
+    waves, lengths = padded_batch([n, n + 159, n - 321], seed=5)
+    waves, lengths = waves.cpu(), lengths.cpu()
+    assert (log_mel_cpu(waves, lengths) - log_mel_reference(waves, lengths)).abs().max().item() <= 1e-5
+    ours = log_mel_fbank(waves, lengths)
+    assert (ours - log_mel_fbank_reference(waves, lengths)).abs().max().item() <= FBANK_ATOL
 
 
 def test_padding_samples_do_not_leak_into_a_clip(backend):
@@ -64,7 +83,7 @@ def test_padding_samples_do_not_leak_into_a_clip(backend):
     assert torch.equal(log_mel_fbank(waves, lengths), log_mel_fbank(garbage, lengths))
 
 
-@pytest.mark.parametrize("which", ["torch", "triton"])
+@pytest.mark.parametrize("which", ["torch", "auto", "triton"])
 def test_one_frame_clip_gives_zeros_not_nan(backend, which):
     backend(which)
     waves, lengths = padded_batch([1000, 450], seed=3)
@@ -73,7 +92,7 @@ def test_one_frame_clip_gives_zeros_not_nan(backend, which):
     assert (out[1] == 0).all()
 
 
-@pytest.mark.parametrize("which", ["torch", "triton"])
+@pytest.mark.parametrize("which", ["torch", "auto", "triton"])
 def test_a_nan_sample_gives_nan_features_for_its_clip_only(backend, which):
     """NaN in, NaN out, on both paths (the Triton path once floored NaN mel energies to finite features): every
     valid frame of the clip holding the NaN (its per-bin mean is NaN), none of its padding, nothing of other clips."""
@@ -115,3 +134,45 @@ def test_the_op_is_registered_with_torch_library():
 def test_bad_inputs_are_value_errors_naming_the_argument(args, message):
     with pytest.raises(ValueError, match=message):
         log_mel_fbank(*args)
+
+
+@pytest.mark.parametrize("which", ["torch", "auto", "triton"])
+def test_bad_lengths_are_caught_on_every_backend_where_checking_is_free(backend, which):
+    backend(which)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        log_mel_fbank(torch.zeros(2, 1000), torch.tensor([1000, 399]))
+
+
+HOST_READS = ("item", "tolist", "__int__", "__index__", "__float__", "__bool__")
+
+
+def test_where_lengths_go_unchecked_no_value_is_read_on_the_host(backend, monkeypatch):
+    """On a GPU (auto validation) reading lengths' values would be a device sync on every batch. Here
+    W2VBERT_FAST_VALIDATE=0 puts CPU tensors in that state, and every host read of a tensor's value fails: the
+    dispatch still reaches the op, and hands it lengths clamped on the device to [400, N]."""
+    backend("triton")
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    seen = []
+    monkeypatch.setattr(fbank_module, "_log_mel_fbank_op", lambda waves, lengths: seen.append(lengths.clone()) or waves)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    waves = torch.zeros(2, 1000)
+    with monkeypatch.context() as patched:
+        for name in HOST_READS:
+            patched.setattr(torch.Tensor, name, host_read)
+        log_mel_fbank(waves, torch.tensor([5000, 10]))
+    assert len(seen) == 1 and seen[0].dtype == torch.int32
+    assert seen[0].tolist() == [1000, 400]
+
+
+def test_unchecked_out_of_range_lengths_read_only_their_own_clip(backend, monkeypatch):
+    """What the clamp buys on the kernel path: lengths past N or under a frame, unchecked, give the result of the
+    clamped lengths (finite, no sample of another row read)."""
+    backend("triton")
+    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
+    waves, _ = padded_batch([1200, 1200], seed=6)
+    out = log_mel_fbank(waves, torch.tensor([5000, 10], device=DEVICE))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, log_mel_fbank(waves, torch.tensor([1200, 400], device=DEVICE)))

@@ -1,5 +1,6 @@
-"""The kernels as functions. Each dispatches per call (see ``_backend``): Triton on CUDA tensors, the PyTorch
-reference on CPU, unless ``W2VBERT_FAST_BACKEND`` says otherwise."""
+"""The kernels as functions. Each dispatches per call (``_backend.dispatch``): the Triton kernels on CUDA tensors, the
+op's fast PyTorch path on CPU tensors, the literal reference (the ``*_reference`` functions here, the tests' oracle)
+with ``W2VBERT_FAST_BACKEND=torch``."""
 
 from .glu_depthwise_conv import glu_depthwise_conv, glu_depthwise_conv_reference
 from .log_mel_fbank import log_mel_fbank, log_mel_fbank_reference

@@ -30,7 +30,7 @@ writes and rereads every stage's output (GLU, padded copy, conv, LayerNorm, swis
 transposes around the channel-first conv: by the same count about 24 to recompute and 36 backward, and several
 (B, T, C) tensors alive at once instead of one.
 
-Reading order: reference → kernels → launchers → torch.library ops → dispatch.
+Reading order: reference → kernels → configs → launchers → torch.library ops → dispatch → LAUNCH_META.
 """
 
 from typing import Optional
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import check_lengths, triton_interpreter_enabled, use_triton, values_checkable
+from ._backend import TRITON, KernelLaunch, check_lengths, dispatch, triton_interpreter_enabled, values_checkable
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -68,54 +68,6 @@ def _window_rows(block_t, kernel_size):
 def _scratch_per_program(block_t, block_c, channels, kernel_size):
     """fp32 elements: the GLU window of one channel chunk, then the tile's un-normalised conv rows."""
     return _window_rows(block_t, kernel_size) * block_c + block_t * triton.cdiv(channels, block_c) * block_c
-
-
-def _autotune_configs(interpreted=None):
-    """Tilings of the row kernels (the forward and the LayerNorm backward): BLOCK_T rows × all channels per tile."""
-    if triton_interpreter_enabled() if interpreted is None else interpreted:
-        # The interpreter's cost is per op, not per element: one config with few tiles keeps CI fast, and tiles
-        # smaller than the tests' lengths and channel counts exercise ragged last tiles and chunks.
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4, num_stages=1)]
-    # 16 resident warps per SM (PROGRAMS_PER_SM × num_warps; 4-8 before): a streaming kernel needs them to hide HBM
-    # latency. The window is filled one BLOCK_T slice at a time and the taps loop is not unrolled, so only the
-    # accumulator and one slice are live: 40-72 registers a thread and no spill on sm_90 and sm_80, triton 3.6 and
-    # 3.9, bf16/fp16/fp32 (benchmarks/compile_check.py). Other shapes tried (8 × 128 on 4 or 8 warps, 8 × 256,
-    # 16 × 64, 16 × 32) each had a config × target × dtype where ptxas spilled a few bytes: not offered.
-    # The GLU window (BLOCK_T + K - 1 rows × BLOCK_C × 4 bytes, 5-10 KiB) stays in L1; the row buffers
-    # (BLOCK_T × C × 4 bytes per program, 32 rows per SM) total 17 MiB at C = 1024 on 132 SMs, inside the L2, so
-    # the scratch is not written back to DRAM.
-    return [
-        triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps,
-                      num_stages=1)
-        for block_t, block_c, warps, per_sm in [
-            (8, 64, 4, 4), (8, 32, 2, 8),
-        ]
-    ]
-
-
-def _norm_backward_configs(interpreted=None):
-    """Tilings of the LayerNorm backward (a row kernel like the forward, with more live tiles: norm, z, sigmoid,
-    dout, dnorm): ≤ 128 registers and no spill on sm_90 and sm_80 in bf16, fp16 and fp32 (16-28 resident warps).
-    Left out, for a few bytes of spill ptxas chose on sm_80: 128 columns on 8 warps, 32 or 64 on 2 warps."""
-    if triton_interpreter_enabled() if interpreted is None else interpreted:
-        return _autotune_configs(interpreted=True)
-    return [
-        triton.Config({"BLOCK_T": 8, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=1)
-        for block_c, warps, per_sm in [(64, 4, 4), (128, 4, 4), (256, 8, 2)]
-    ]
-
-
-def _glu_backward_configs(interpreted=None):
-    """Tilings of the GLU/conv backward: BLOCK_T input rows × BLOCK_C channels per step, no scratch."""
-    if triton_interpreter_enabled() if interpreted is None else interpreted:
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1)]
-    # 8 elements of a tile per thread: 64-121 registers (sm_90 / sm_80, triton 3.6 and 3.9), ≥ 16 resident warps,
-    # no spills. At 16 a thread (e.g. 32 × 64 on 4 warps) the value, gate, GLU, dGLU and dconv tiles take 120-255
-    # registers and some spill.
-    return [
-        triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
-        for block_t, block_c, warps in [(16, 64, 4), (32, 64, 8), (16, 128, 8), (32, 32, 4), (8, 128, 4)]
-    ]
 
 
 @triton.jit
@@ -157,7 +109,6 @@ def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_le
     return row_sum
 
 
-@triton.autotune(configs=_autotune_configs(), key=["channels", "KERNEL_SIZE"])
 @triton.jit
 def _glu_depthwise_conv_kernel(
     x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, out_ptr, mean_ptr, rstd_ptr, scratch_ptr,
@@ -165,7 +116,7 @@ def _glu_depthwise_conv_kernel(
     batch, length, channels, eps, scratch_stride,
     KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only (see the configs)
 ):
     WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
     num_chunks = tl.cdiv(channels, BLOCK_C)
@@ -221,8 +172,22 @@ def _glu_depthwise_conv_kernel(
                      mask=row_valid[:, None] & c_valid[None, :])
 
 
-@triton.autotune(configs=_norm_backward_configs(), key=["channels", "KERNEL_SIZE"],
-                 reset_to_zero=["dnorm_partial_ptr"])
+@triton.jit
+def _swish_layer_norm_backward(conv_chunk, mean, rstd, ln_weight_ptr, ln_bias_ptr, dout_rows, cols, c_valid,
+                               row_valid):
+    """One channel chunk of a tile back through swish and the LayerNorm's affine, as both passes of the LayerNorm
+    backward need it: (norm, the rows normalised before the affine; dz = ∂L/∂z at z = norm·γ + β; dnorm = dz·γ).
+    Channels past C load γ = 0, so their dnorm is 0; rows past T load dout = 0, so they add nothing anywhere."""
+    ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+    ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
+    norm = (tl.load(conv_chunk) - mean[:, None]) * rstd[:, None]
+    z = norm * ln_weight[None, :] + ln_bias[None, :]
+    sig = tl.sigmoid(z)
+    dout = tl.load(dout_rows + cols[None, :], mask=row_valid[:, None] & c_valid[None, :], other=0.0)
+    dz = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
+    return norm, dz, dz * ln_weight[None, :]
+
+
 @triton.jit
 def _conv_norm_backward_kernel(
     x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, mean_ptr, rstd_ptr, dout_ptr, dconv_ptr,
@@ -231,7 +196,7 @@ def _conv_norm_backward_kernel(
     batch, length, channels, scratch_stride,
     KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only (see the configs)
 ):
     """dconv = ∂L/∂(conv output), (B, T, C) fp32, through swish and LayerNorm; this program's partial sums of
     dgamma (row 0) and dbeta (row 1) of ``dnorm_partial[pid]``. The conv rows are recomputed as the forward does."""
@@ -267,21 +232,13 @@ def _conv_norm_backward_kernel(
         if SYNC_SCRATCH:
             tl.debug_barrier()  # the conv rows are visible to every thread
 
-        # pass 1: the rows' Σ dnorm and Σ dnorm·norm (LayerNorm's backward needs both before any dconv). Rows past
-        # T load dout = 0, so they add nothing anywhere.
+        # pass 1: the rows' Σ dnorm and Σ dnorm·norm (LayerNorm's backward needs both before any dconv)
         sum_dnorm = tl.zeros([BLOCK_T], dtype=tl.float32)
         sum_dnorm_norm = tl.zeros([BLOCK_T], dtype=tl.float32)
         for chunk in range(num_chunks):
             cols = chunk * BLOCK_C + offs_c
-            c_valid = cols < channels
-            ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
-            ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
-            norm = (tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None]) * rstd[:, None]
-            z = norm * ln_weight[None, :] + ln_bias[None, :]
-            sig = tl.sigmoid(z)
-            dout = tl.load(dout_base + cols[None, :], mask=row_valid[:, None] & c_valid[None, :], other=0.0)
-            dz = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
-            dnorm = dz * ln_weight[None, :]  # 0 in channels past C (weight 0)
+            norm, _, dnorm = _swish_layer_norm_backward(conv_tile + chunk * BLOCK_C, mean, rstd, ln_weight_ptr,
+                                                        ln_bias_ptr, dout_base, cols, cols < channels, row_valid)
             sum_dnorm += tl.sum(dnorm, 1)
             sum_dnorm_norm += tl.sum(dnorm * norm, 1)
         mean_dnorm = sum_dnorm / channels
@@ -293,17 +250,10 @@ def _conv_norm_backward_kernel(
         for chunk in range(num_chunks):
             cols = chunk * BLOCK_C + offs_c
             c_valid = cols < channels
-            mask = row_valid[:, None] & c_valid[None, :]
-            ln_weight = tl.load(ln_weight_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
-            ln_bias = tl.load(ln_bias_ptr + cols, mask=c_valid, other=0.0).to(tl.float32)
-            norm = (tl.load(conv_tile + chunk * BLOCK_C) - mean[:, None]) * rstd[:, None]
-            z = norm * ln_weight[None, :] + ln_bias[None, :]
-            sig = tl.sigmoid(z)
-            dout = tl.load(dout_base + cols[None, :], mask=mask, other=0.0)
-            dz = dout.to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
-            dnorm = dz * ln_weight[None, :]
+            norm, dz, dnorm = _swish_layer_norm_backward(conv_tile + chunk * BLOCK_C, mean, rstd, ln_weight_ptr,
+                                                         ln_bias_ptr, dout_base, cols, c_valid, row_valid)
             dconv = rstd[:, None] * (dnorm - mean_dnorm[:, None] - norm * mean_dnorm_norm[:, None])
-            tl.store(dconv_base + cols[None, :], dconv, mask=mask)
+            tl.store(dconv_base + cols[None, :], dconv, mask=row_valid[:, None] & c_valid[None, :])
             # the gamma/beta partials here rather than in pass 1: fewer values live there (sm_80 spilled)
             dgamma_old = tl.load(dgamma_partial + cols, mask=c_valid, other=0.0)
             dbeta_old = tl.load(dbeta_partial + cols, mask=c_valid, other=0.0)
@@ -313,8 +263,6 @@ def _conv_norm_backward_kernel(
             tl.store(dbeta_partial + cols, dbeta_old + tl.sum(dz, 0), mask=c_valid)
 
 
-@triton.autotune(configs=_glu_backward_configs(), key=["channels", "KERNEL_SIZE"],
-                 reset_to_zero=["dweight_partial_ptr"])
 @triton.jit
 def _glu_conv_backward_kernel(
     x_ptr, weight_ptr, lengths_ptr, dconv_ptr, dx_ptr, dweight_partial_ptr,
@@ -370,40 +318,62 @@ def _glu_conv_backward_kernel(
         tl.store(dx_rows + channels, dgate.to(dx_ptr.dtype.element_ty), mask=store_mask)
 
 
-# ------------------------------------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------------------------------------- configs
+# PROGRAMS_PER_SM rides in a row kernel's config but is no tiling: the kernel ignores it and the launcher's grid reads
+# it (persistent programs = PROGRAMS_PER_SM × the SM count, at most one per tile), so each tiling comes with the
+# occupancy it was checked at. A test may force a program count instead (the launchers' ``programs``).
+#
+# The forward: 16 resident warps per SM (PROGRAMS_PER_SM × num_warps; 4-8 before): a streaming kernel needs them to
+# hide HBM latency. The window is filled one BLOCK_T slice at a time and the taps loop is not unrolled, so only the
+# accumulator and one slice are live: 40-72 registers a thread and no spill on sm_90 and sm_80, triton 3.6 and 3.9,
+# bf16/fp16/fp32 (the compile check). Other shapes tried (8 × 128 on 4 or 8 warps, 8 × 256, 16 × 64, 16 × 32) each
+# had a config × target × dtype where ptxas spilled a few bytes: not offered. The GLU window (BLOCK_T + K - 1 rows ×
+# BLOCK_C × 4 bytes, 5-10 KiB) stays in L1; the row buffers (BLOCK_T × C × 4 bytes per program, 32 rows per SM)
+# total 17 MiB at C = 1024 on 132 SMs, inside the L2, so the scratch is not written back to DRAM.
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=1)
+    for block_t, block_c, warps, per_sm in [(8, 64, 4, 4), (8, 32, 2, 8)]
+]
+# The LayerNorm backward, a row kernel like the forward with more live tiles (norm, z, sigmoid, dout, dnorm): ≤ 128
+# registers and no spill on sm_90 and sm_80 in bf16, fp16 and fp32 (16-28 resident warps). Left out, for a few bytes
+# of spill ptxas chose on sm_80: 128 columns on 8 warps, 32 or 64 on 2 warps.
+NORM_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_T": 8, "BLOCK_C": block_c, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=1)
+    for block_c, warps, per_sm in [(64, 4, 4), (128, 4, 4), (256, 8, 2)]
+]
+# The GLU/conv backward: BLOCK_T input rows × BLOCK_C channels per step, no scratch. 8 elements of a tile per thread:
+# 64-121 registers (sm_90 / sm_80, triton 3.6 and 3.9), ≥ 16 resident warps, no spills. At 16 a thread (e.g. 32 × 64
+# on 4 warps) the value, gate, GLU, dGLU and dconv tiles take 120-255 registers and some spill.
+GLU_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_T": block_t, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
+    for block_t, block_c, warps in [(16, 64, 4), (32, 64, 8), (16, 128, 8), (32, 32, 4), (8, 128, 4)]
+]
+# Its grid: time is split so that batch × splits × channel chunks comes to about this many programs per SM.
+GLU_BACKWARD_PROGRAMS_PER_SM = 4
+# Under the interpreter the cost is per op, not per element: one config with few tiles keeps CI fast, and tiles
+# smaller than the tests' lengths and channel counts exercise ragged last tiles and chunks.
+INTERPRETER_ROW_CONFIG = triton.Config({"BLOCK_T": 16, "BLOCK_C": 64, "PROGRAMS_PER_SM": 1}, num_warps=4,
+                                       num_stages=1)
+INTERPRETER_GLU_BACKWARD_CONFIG = triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1)
+
+
+def _autotuned(kernel, configs, interpreter_config, reset_to_zero=None):
+    # keyed on the real dimensions; the autotuner adds every tensor argument's dtype to them
+    return triton.autotune(configs=[interpreter_config] if triton_interpreter_enabled() else configs,
+                           key=["channels", "KERNEL_SIZE"], reset_to_zero=reset_to_zero)(kernel)
+
+
+_forward_tuned = _autotuned(_glu_depthwise_conv_kernel, FORWARD_CONFIGS, INTERPRETER_ROW_CONFIG)
+_norm_backward_tuned = _autotuned(_conv_norm_backward_kernel, NORM_BACKWARD_CONFIGS, INTERPRETER_ROW_CONFIG,
+                                  reset_to_zero=["dnorm_partial_ptr"])
+_glu_backward_tuned = _autotuned(_glu_conv_backward_kernel, GLU_BACKWARD_CONFIGS, INTERPRETER_GLU_BACKWARD_CONFIG,
+                                 reset_to_zero=["dweight_partial_ptr"])
+
+
+# ----------------------------------------------------------------------------------------------- launchers
 def _sm_count(x):
     # the interpreter: 3 "SMs", so programs walk several tiles and the persistent loops are exercised
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
-
-
-def _forced(kernel, config):
-    """``config`` (a tuple, see the launchers) → the plain JIT function and its one Config; None → the autotuner."""
-    if config is None:
-        return kernel, kernel.configs, {}
-    chosen = triton.Config(dict(config[0]), num_warps=config[1], num_stages=1)
-    return kernel.fn, [chosen], dict(chosen.kwargs, num_warps=chosen.num_warps, num_stages=1)
-
-
-def _row_kernel_setup(kernel, x, channels, kernel_size, config):
-    """What a row kernel (forward, LayerNorm backward) needs: the kernel to call, its fixed meta-parameters, the grid,
-    the scratch and its per-program stride, and the largest program count any candidate config launches."""
-    batch, length = x.shape[:2]
-    kernel, configs, extra = _forced(kernel, config)
-    sm_count = _sm_count(x) if config is None else config[2]
-    per_sm = {} if config is None else {"PROGRAMS_PER_SM": 1}
-
-    def programs_for(meta):
-        meta = {**meta, **per_sm}
-        return max(1, min(meta["PROGRAMS_PER_SM"] * sm_count, batch * triton.cdiv(length, meta["BLOCK_T"])))
-
-    # sized for whichever config the autotuner picks
-    scratch_stride = max(_scratch_per_program(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_C"], channels, kernel_size)
-                         for c in configs)
-    max_programs = max(programs_for(c.kwargs) for c in configs)
-    scratch = torch.empty(max_programs * scratch_stride, device=x.device, dtype=torch.float32)
-    if config is not None:
-        extra["PROGRAMS_PER_SM"] = 1
-    return kernel, extra, lambda meta: (programs_for(meta),), scratch, scratch_stride, max_programs
 
 
 def _sync_scratch():
@@ -411,87 +381,150 @@ def _sync_scratch():
     return not triton_interpreter_enabled()
 
 
-def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=None):
-    """The forward: returns (out (B, T, C) in x's dtype, mean, rstd (B, T) fp32). ``out``: a preallocated buffer
-    (tests pass one filled with NaN); ``config``: ({"BLOCK_T": .., "BLOCK_C": ..}, num_warps, programs) to force a
-    tiling instead of the autotuned one (tests run every candidate)."""
-    batch, length, two_channels = x.shape
-    channels = two_channels // 2
-    kernel_size = conv_weight.shape[-1]
+def _kernel_layout(x, conv_weight):
+    """x with unit channel stride (any row strides are read in place) and the conv weight as (K, C): one tap's
+    weights for all channels contiguous."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    # (K, C): one tap's weights for all channels are contiguous
-    weight = conv_weight.reshape(channels, kernel_size).t().contiguous()
+    channels, _, kernel_size = conv_weight.shape
+    return x, conv_weight.reshape(channels, kernel_size).t().contiguous()
+
+
+def _chosen(tuned, config):
+    """(kernel to call, the configs it may run, keywords to add): the autotuner and its configs, or, for a forced
+    ``config`` (a triton.Config), the plain JIT function with that config's meta-parameters and launch options."""
+    if config is None:
+        return tuned, tuned.configs, {}
+    return tuned.fn, [config], config.all_kwargs()
+
+
+def _row_launch(tuned, x, channels, kernel_size, config, programs, sm_count):
+    """What a row kernel (the forward, the LayerNorm backward) needs besides its tensors: (kernel, grid, keywords of
+    a forced config, the scratch, its per-program stride, the most programs any candidate config launches). The
+    scratch is sized for whichever candidate the autotuner picks. ``programs``: a forced persistent program count,
+    instead of PROGRAMS_PER_SM × ``sm_count``."""
+    batch, length = x.shape[:2]
+    kernel, configs, extra = _chosen(tuned, config)
+    if config is not None:
+        # the kernel's signature takes it; a forced tiling without one gets one program per SM
+        extra = {"PROGRAMS_PER_SM": 1, **extra}
+
+    def programs_for(meta):
+        wanted = programs if programs is not None else meta.get("PROGRAMS_PER_SM", 1) * sm_count
+        return max(1, min(wanted, batch * triton.cdiv(length, meta["BLOCK_T"])))
+
+    scratch_stride = max(_scratch_per_program(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_C"], channels, kernel_size)
+                         for c in configs)
+    max_programs = max(programs_for(c.kwargs) for c in configs)
+    scratch = torch.empty(max_programs * scratch_stride, device=x.device, dtype=torch.float32)
+    return kernel, lambda meta: (programs_for(meta),), extra, scratch, scratch_stride, max_programs
+
+
+def _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out, config, programs, sm_count):
+    """(kernel, grid, keyword arguments, (out, mean, rstd)) of the forward; ``_launch`` runs it, LAUNCH_META
+    describes it."""
+    x, weight = _kernel_layout(x, conv_weight)
+    batch, length, two_channels = x.shape
+    channels, kernel_size = two_channels // 2, weight.shape[0]
     if out is None:
         out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
     mean = torch.empty(batch, length, device=x.device, dtype=torch.float32)
     rstd = torch.empty(batch, length, device=x.device, dtype=torch.float32)
-    kernel, extra, grid, scratch, scratch_stride, _ = _row_kernel_setup(
-        _glu_depthwise_conv_kernel, x, channels, kernel_size, config)
-    kernel[grid](
-        x, weight, ln_weight, ln_bias, lengths if lengths is not None else x, out, mean, rstd, scratch,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        batch, length, channels, float(eps), scratch_stride,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_SCRATCH=_sync_scratch(), **extra,
+    kernel, grid, extra, scratch, scratch_stride, _ = _row_launch(
+        _forward_tuned, x, channels, kernel_size, config, programs, sm_count)
+    args = dict(
+        x_ptr=x, weight_ptr=weight, ln_weight_ptr=ln_weight, ln_bias_ptr=ln_bias,
+        lengths_ptr=lengths if lengths is not None else x, out_ptr=out, mean_ptr=mean, rstd_ptr=rstd,
+        scratch_ptr=scratch, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_ob=out.stride(0),
+        stride_ot=out.stride(1), batch=batch, length=length, channels=channels, eps=float(eps),
+        scratch_stride=scratch_stride, KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None,
+        SYNC_SCRATCH=_sync_scratch(), **extra,
     )
-    return out, mean, rstd
+    return kernel, grid, args, (out, mean, rstd)
 
 
-def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx=None, dconv=None,
-                     norm_config=None, glu_config=None):
-    """Gradients of x (B, T, 2C, x's dtype), conv_weight, ln_weight, ln_bias (each in its own dtype).
+def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=None, programs=None):
+    """The forward: returns (out (B, T, C) in x's dtype, mean, rstd (B, T) fp32). ``out``: a preallocated buffer
+    (tests pass one filled with NaN); ``config``: a triton.Config to force instead of the autotuned one (tests run
+    every candidate); ``programs``: a persistent program count to force."""
+    kernel, grid, args, outputs = _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out, config,
+                                                  programs, _sm_count(x))
+    kernel[grid](**args)
+    return outputs
 
-    Two kernels: the LayerNorm backward writes dconv = ∂L/∂(conv output) (fp32, (B, T, C): the only intermediate,
-    freed on return) and per-program dgamma/dbeta partials; the GLU/conv backward reads it to write dx and per-program
-    dweight partials. ``dx``/``dconv``: preallocated buffers (tests fill them with NaN); ``norm_config``: as
-    ``_launch``'s ``config``; ``glu_config``: ({"BLOCK_T": .., "BLOCK_C": ..}, num_warps, target programs)."""
-    batch, length, two_channels = x.shape
-    channels = two_channels // 2
-    kernel_size = conv_weight.shape[-1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+
+def _time_splits(batch, length, channels, configs, target_programs):
+    """(splits, rows per split) of the GLU/conv backward's time axis, so that batch × splits × channel chunks fills
+    about ``target_programs``. Each split is a whole number of every candidate's BLOCK_T (all powers of two), so the
+    split does not depend on the config the autotuner picks."""
+    row_align = max(c.kwargs["BLOCK_T"] for c in configs)
+    chunks = triton.cdiv(channels, max(c.kwargs["BLOCK_C"] for c in configs))
+    splits = max(1, min(triton.cdiv(length, row_align), triton.cdiv(target_programs, batch * chunks)))
+    rows_per_split = triton.cdiv(triton.cdiv(length, splits), row_align) * row_align
+    return triton.cdiv(length, rows_per_split), rows_per_split
+
+
+def _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx, dconv, norm_config,
+                       glu_config, norm_programs, glu_programs, sm_count):
+    """The backward's two launches, [(kernel, grid, keyword arguments)]: the LayerNorm backward, then the GLU/conv
+    backward that reads its dconv; ``_launch_backward`` runs them, LAUNCH_META describes them."""
+    x, weight = _kernel_layout(x, conv_weight)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    weight = conv_weight.reshape(channels, kernel_size).t().contiguous()
-    has_lengths = lengths is not None
-    lengths_arg = lengths if has_lengths else x
+    batch, length, two_channels = x.shape
+    channels, kernel_size = two_channels // 2, weight.shape[0]
+    lengths_arg = lengths if lengths is not None else x
     if dconv is None:
         dconv = torch.empty(batch, length, channels, device=x.device, dtype=torch.float32)
     if dx is None:
         dx = torch.empty(batch, length, two_channels, device=x.device, dtype=x.dtype)
 
-    kernel, extra, grid, scratch, scratch_stride, max_programs = _row_kernel_setup(
-        _conv_norm_backward_kernel, x, channels, kernel_size, norm_config)
-    dnorm_partial = torch.zeros(max_programs, 2, channels, device=x.device, dtype=torch.float32)
-    kernel[grid](
-        x, weight, ln_weight, ln_bias, lengths_arg, mean, rstd, dout, dconv, dnorm_partial, scratch,
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-        batch, length, channels, scratch_stride,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=has_lengths, SYNC_SCRATCH=_sync_scratch(), **extra,
-    )
+    kernel, grid, extra, scratch, scratch_stride, max_programs = _row_launch(
+        _norm_backward_tuned, x, channels, kernel_size, norm_config, norm_programs, sm_count)
+    norm_backward = (kernel, grid, dict(
+        x_ptr=x, weight_ptr=weight, ln_weight_ptr=ln_weight, ln_bias_ptr=ln_bias, lengths_ptr=lengths_arg,
+        mean_ptr=mean, rstd_ptr=rstd, dout_ptr=dout, dconv_ptr=dconv,
+        dnorm_partial_ptr=torch.zeros(max_programs, 2, channels, device=x.device, dtype=torch.float32),
+        scratch_ptr=scratch, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_db=dout.stride(0),
+        stride_dt=dout.stride(1), batch=batch, length=length, channels=channels, scratch_stride=scratch_stride,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_SCRATCH=_sync_scratch(), **extra,
+    ))
 
-    kernel, configs, extra = _forced(_glu_conv_backward_kernel, glu_config)
-    target_programs = (4 * _sm_count(x)) if glu_config is None else glu_config[2]
-    # Time is split so that (batch × splits × channel chunks) programs fill the device; each split is a whole number
-    # of every candidate's BLOCK_T (all powers of two), so the split does not depend on the config picked.
-    row_align = max(c.kwargs["BLOCK_T"] for c in configs)
-    chunks = triton.cdiv(channels, max(c.kwargs["BLOCK_C"] for c in configs))
-    splits = max(1, min(triton.cdiv(length, row_align), triton.cdiv(target_programs, batch * chunks)))
-    rows_per_split = triton.cdiv(triton.cdiv(length, splits), row_align) * row_align
-    splits = triton.cdiv(length, rows_per_split)
-    # one (K, C) slab per (sequence, split): a program writes only its own chunk's columns of it
-    dweight_partial = torch.zeros(batch * splits, kernel_size, channels, device=x.device, dtype=torch.float32)
-    kernel[lambda meta: (batch * splits, triton.cdiv(channels, meta["BLOCK_C"]))](
-        x, weight, lengths_arg, dconv, dx, dweight_partial,
-        x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
-        length, channels, splits, rows_per_split,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=has_lengths, SYNC_PARTIALS=_sync_scratch(), **extra,
-    )
-    dweight = dweight_partial.sum(0).t().contiguous().reshape(channels, 1, kernel_size).to(conv_weight.dtype)
+    kernel, configs, extra = _chosen(_glu_backward_tuned, glu_config)
+    target = glu_programs if glu_programs is not None else GLU_BACKWARD_PROGRAMS_PER_SM * sm_count
+    splits, rows_per_split = _time_splits(batch, length, channels, configs, target)
+    glu_backward = (kernel, lambda meta: (batch * splits, triton.cdiv(channels, meta["BLOCK_C"])), dict(
+        x_ptr=x, weight_ptr=weight, lengths_ptr=lengths_arg, dconv_ptr=dconv, dx_ptr=dx,
+        # one (K, C) slab per (sequence, split): a program writes only its own chunk's columns of it
+        dweight_partial_ptr=torch.zeros(batch * splits, kernel_size, channels, device=x.device, dtype=torch.float32),
+        stride_xb=x.stride(0), stride_xt=x.stride(1), stride_dxb=dx.stride(0), stride_dxt=dx.stride(1),
+        length=length, channels=channels, splits=splits, rows_per_split=rows_per_split,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_PARTIALS=_sync_scratch(), **extra,
+    ))
+    return [norm_backward, glu_backward]
+
+
+def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx=None, dconv=None,
+                     norm_config=None, glu_config=None, norm_programs=None, glu_programs=None):
+    """Gradients of x (B, T, 2C, x's dtype), conv_weight, ln_weight, ln_bias (each in its own dtype).
+
+    Two kernels: the LayerNorm backward writes dconv = ∂L/∂(conv output) (fp32, (B, T, C): the only intermediate,
+    freed on return) and per-program dgamma/dbeta partials; the GLU/conv backward reads it to write dx and per-split
+    dweight partials. ``dx``/``dconv``: preallocated buffers (tests fill them with NaN); ``norm_config``,
+    ``glu_config``: triton.Configs to force; ``norm_programs``: as ``_launch``'s ``programs``; ``glu_programs``: the
+    program count the GLU backward's time splits aim at, instead of GLU_BACKWARD_PROGRAMS_PER_SM × the SM count."""
+    launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx, dconv,
+                                  norm_config, glu_config, norm_programs, glu_programs, _sm_count(x))
+    for kernel, grid, args in launches:
+        kernel[grid](**args)
+    (_, _, norm_args), (_, _, glu_args) = launches
+    channels, kernel_size = ln_weight.shape[0], conv_weight.shape[-1]
+    dweight = glu_args["dweight_partial_ptr"].sum(0).t().contiguous().reshape(channels, 1, kernel_size)
+    dnorm_partial = norm_args["dnorm_partial_ptr"]
     # two sums, not two views of one: a custom op's outputs must not alias each other
     dgamma = dnorm_partial[:, 0].sum(0).to(ln_weight.dtype)
     dbeta = dnorm_partial[:, 1].sum(0).to(ln_bias.dtype)
-    return dx, dweight, dgamma, dbeta
+    return glu_args["dx_ptr"], dweight.to(conv_weight.dtype), dgamma, dbeta
 
 
 # ---------------------------------------------------------------------------------------- torch.library ops
@@ -568,7 +601,8 @@ def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths):
         if values_checkable(lengths) and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be non-negative, got {lengths.tolist()}")
     if len(devices) > 1:
-        raise ValueError(f"x, conv_weight, ln_weight, ln_bias and lengths must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError("x, conv_weight, ln_weight, ln_bias and lengths must be on one device, "
+                         f"got {sorted(map(str, devices))}")
 
 
 def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
@@ -582,13 +616,75 @@ def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
     Differentiable with respect to x, conv_weight, ln_weight and ln_bias on every backend; the kernels run forward
     and backward (saving x and two floats a row, nothing else). Under torch.autocast x may be half precision while
     the weights stay fp32: each gradient comes back in its input's dtype. T = 0 gives an empty (B, 0, C) result.
+
+    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels (fp64 on a GPU: the
+    reference, no compiled config is checked for it); ``auto`` on CPU tensors and ``torch`` the reference, which is
+    the CPU's fast path too. lengths' values are checked where that costs no device sync; the kernels clamp them.
     """
     _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths)
     if x.numel() == 0:
         # nothing to convolve (F.conv1d would reject the padded empty sequence); still connected to x for autograd
         return F.glu(x, dim=-1)
-    if use_triton(x, conv_weight):
+    if dispatch(x, conv_weight) == TRITON:
         if lengths is not None:
             lengths = lengths.to(torch.int32)
         return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths)[0]
+    # FAST and REFERENCE alike run the reference: on a CPU it is the fast path too. At the model's size (B = 1,
+    # T = 1500, C = 1024, K = 31, fp32, lengths given) it takes 34 ms on 1 thread and 17 ms on 2 (best of 40, on the
+    # shared 2-core development machine). Rewrites in plain PyTorch were no faster: the GLU made contiguous first
+    # 37 / 17 ms, written into a pre-padded buffer 38 / 19, the conv's own padding then a slice 73 / 38, the conv as
+    # 31 shifted multiply-adds over channel-last rows 197 / 41. Masking after the GLU (half the bytes) took 31 / 15,
+    # within the machine's noise, and would let a NaN in a padded gate reach dx.
     return glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths)
+
+
+# --------------------------------------------------------------------------------------------- LAUNCH_META
+# An H100 SXM's SMs, for the examples: the count sets only grids and the GLU backward's time splits, and leaves those
+# a real launch's specialisation (splits > 1, rows per split a multiple of 16).
+_EXAMPLE_SM_COUNT = 132
+_EXAMPLE_EPS = 1e-5  # the model's layer_norm_eps
+
+
+def _example_inputs(shape, dtype):
+    """Meta tensors as the op gets them for one of the compile check's shapes (channels = heads · head_dim, the
+    model's hidden size): x, conv_weight, ln_weight, ln_bias in ``dtype``; int32 lengths, as dispatch passes them."""
+    t, (batch, length) = getattr(torch, dtype), (shape["batch"], shape["length"])
+    channels = shape["heads"] * shape["head_dim"]
+    meta = dict(device="meta", dtype=t)
+    return (torch.empty(batch, length, 2 * channels, **meta), torch.empty(channels, 1, shape["kernel_size"], **meta),
+            torch.empty(channels, **meta), torch.empty(channels, **meta),
+            torch.empty(batch, device="meta", dtype=torch.int32))
+
+
+def _described(args):
+    """A launch's keyword arguments as the compile check takes them: a tensor by its dtype."""
+    return {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in args.items()}
+
+
+def _forward_example(shape, dtype):
+    x, conv_weight, ln_weight, ln_bias, lengths = _example_inputs(shape, dtype)
+    return _described(_forward_launch(x, conv_weight, ln_weight, ln_bias, _EXAMPLE_EPS, lengths, None, None, None,
+                                      _EXAMPLE_SM_COUNT)[2])
+
+
+def _backward_example(which):
+    def example(shape, dtype):
+        x, conv_weight, ln_weight, ln_bias, lengths = _example_inputs(shape, dtype)
+        stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
+        dout = x.new_empty(*x.shape[:2], x.shape[2] // 2)
+        launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, stats, stats, None, None,
+                                      None, None, None, None, _EXAMPLE_SM_COUNT)
+        return _described(launches[which][2])
+
+    return example
+
+
+# the kernels compute in fp32 whatever the input dtype: no fp64 anywhere, no local memory
+LAUNCH_META = {
+    "_glu_depthwise_conv_kernel": KernelLaunch(_forward_tuned, _forward_example, lambda dtype: FORWARD_CONFIGS,
+                                               expect=("no_fp64", "no_local")),
+    "_conv_norm_backward_kernel": KernelLaunch(_norm_backward_tuned, _backward_example(0),
+                                               lambda dtype: NORM_BACKWARD_CONFIGS, expect=("no_fp64", "no_local")),
+    "_glu_conv_backward_kernel": KernelLaunch(_glu_backward_tuned, _backward_example(1),
+                                              lambda dtype: GLU_BACKWARD_CONFIGS, expect=("no_fp64", "no_local")),
+}

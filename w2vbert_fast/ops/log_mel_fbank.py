@@ -9,19 +9,22 @@ bin, over the utterance's frames, (x − mean) / sqrt(var(ddof=1) + 1e-7).
 Precision decides the design. transformers computes the DFT in fp64, and clean synthetic audio (a chirp, a tone
 with no noise floor) has mel bins 10⁻¹³ below the peak power: any fp32 DFT, as a matmul (3×TF32 or plain fp32
 FMA) or an FFT, makes a rounding error of ~1e-7 of the frame's amplitude, as large as those bins themselves, so
-their log-mel, and after normalisation the features, land far outside the 1e-3 tolerance. An fp64 DFT as a matmul costs ~410 kFLOP a frame, the
-whole fp64 CUDA-core budget of an H100 at 200 hours of audio a second; an fp64 FFT costs ~12 kFLOP. So the GPU
-path is two Triton kernels around cuFFT: one launch frames the whole padded batch (×32768, DC removal,
-pre-emphasis, window, in fp64, zero-padded to 512), cuFFT takes the fp64 real FFT, and a second launch rounds the
-spectrum to fp32 (as transformers' complex64) and takes |X|² (bins 0 … 255: bin 256, 8 kHz, has zero weight in every
-filter), the mel matmul (positive terms, so fp32 is exact enough) and the floored log. fp64 arithmetic runs in the
-framing kernel only (benchmarks/compile_check.py checks the machine code for it). The per-utterance normalisation is a few batched tensor ops over (B, F, 80).
+their log-mel, and after normalisation the features, land far outside the 1e-3 tolerance. An fp64 DFT as a matmul
+costs ~410 kFLOP a frame, the whole fp64 CUDA-core budget of an H100 at 200 hours of audio a second; an fp64 FFT
+costs ~12 kFLOP. So the GPU path is two Triton kernels around cuFFT: one launch frames the whole padded batch
+(×32768, DC removal, pre-emphasis, window, in fp64, zero-padded to 512), cuFFT takes the fp64 real FFT, and a second
+launch rounds the spectrum to fp32 (as transformers' complex64) and takes |X|² (bins 0 … 255: bin 256, 8 kHz, has
+zero weight in every filter), the mel matmul (positive terms, so fp32 is exact enough) and the floored log. fp64
+arithmetic runs in the framing kernel only (the compile check checks the machine code for it). The per-utterance
+normalisation is a few batched tensor ops over (B, F, 80).
 
-The CPU path (the reference) does the same arithmetic with PyTorch ops over chunks of 256 frames of one clip, fp64
-framing and pocketfft/MKL fp64 FFT, the mel sum as five banded blocks, normalisation in place per clip: ~8× faster
-than transformers' extractor with 2 cores (see ``log_mel_reference``).
+Three implementations (see ``log_mel_fbank``): the kernels; the fast CPU path (``auto`` on CPU tensors), the same
+arithmetic with PyTorch ops over chunks of 256 frames of one clip, fp64 framing and pocketfft/MKL fp64 FFT, the mel
+sum as five banded blocks, normalisation in place per clip, ~8× faster than transformers' extractor with 2 cores
+(``log_mel_cpu``); and the literal reference, transformers' steps one clip at a time (``log_mel_reference``), the
+tests' oracle (``W2VBERT_FAST_BACKEND=torch``).
 
-Reading order: reference → kernel → launcher → torch.library op → dispatch.
+Reading order: reference → fast CPU path → kernels → configs → launcher → torch.library op → dispatch → LAUNCH_META.
 """
 
 import functools
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_lengths, triton_interpreter_enabled, use_triton
+from ._backend import FAST, TRITON, KernelLaunch, check_lengths, dispatch, triton_interpreter_enabled, values_checkable
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400
@@ -51,7 +54,7 @@ def num_frames(num_samples):
     return 1 + (num_samples - FRAME_LENGTH) // HOP_LENGTH
 
 
-# ------------------------------------------------------------------------------------- constants (numpy, fp64)
+# ----------------------------------------------------------------------------------------------- reference
 @functools.lru_cache(maxsize=None)
 def povey_window() -> np.ndarray:
     return np.power(np.hanning(FRAME_LENGTH), 0.85)
@@ -73,31 +76,42 @@ def kaldi_mel_filters() -> np.ndarray:
     return np.maximum(0.0, np.minimum(down, up))
 
 
-@functools.lru_cache(maxsize=None)
-def _device_constants(device: torch.device):
-    window = torch.tensor(povey_window(), dtype=torch.float64, device=device)
-    mel = np.zeros((_NUM_BINS, 128))
-    mel[:, :NUM_MEL_BINS] = kaldi_mel_filters()[:_NUM_BINS]
-    return window, torch.tensor(mel, dtype=torch.float32, device=device)
+def log_mel_reference(waveforms, lengths):
+    """Log-mel (B, 1 + (N − 400) // 160, 80) float32 of a right-padded batch, unnormalised; frames past a clip's end
+    are 0. transformers' ``spectrogram(waveform × 32768, povey window, frame_length=400, hop_length=160,
+    fft_length=512, power=2.0, center=False, preemphasis=0.97, mel_filters=kaldi, log_mel="log",
+    mel_floor=1.192092955078125e-07, remove_dc_offset=True)`` step by step, one clip at a time, in fp64, with its
+    one rounding: the spectrum is stored as complex64."""
+    batch, total = waveforms.shape
+    out = torch.zeros(batch, int(num_frames(total)), NUM_MEL_BINS, dtype=torch.float32)
+    window = torch.from_numpy(povey_window())
+    mel_filters = torch.from_numpy(kaldi_mel_filters())
+    for clip, n in enumerate(lengths.tolist()):
+        frames = (waveforms[clip, :n].detach().cpu().double() * INT16_SCALE).unfold(0, FRAME_LENGTH, HOP_LENGTH)
+        frames = frames - frames.mean(1, keepdim=True)
+        frames = torch.cat([frames[:, :1] * (1 - PREEMPHASIS), frames[:, 1:] - PREEMPHASIS * frames[:, :-1]], 1)
+        spectrum = torch.fft.rfft(frames * window, n=FFT_LENGTH).to(torch.complex64)
+        power = spectrum.to(torch.complex128).abs() ** 2
+        out[clip, : frames.shape[0]] = torch.log(torch.clamp(power @ mel_filters, min=MEL_FLOOR)).float()
+    return out
 
 
-# ----------------------------------------------------------------------------------------------- reference
-def normalize_per_mel_bin(log_mel, frame_counts):
-    """(x − mean) / sqrt(var(ddof=1) + 1e-7) per clip and mel bin over the clip's frames, in log_mel's dtype (fp32,
-    as transformers); ``log_mel`` must be 0 on padded frames, which stay 0.
-
-    A clip of one frame has no variance (transformers returns NaN): its features are defined as 0 (x − mean = 0).
-    """
-    frames = log_mel.shape[1]
-    valid = (torch.arange(frames, device=log_mel.device)[None, :] < frame_counts[:, None])[..., None]
-    counts = frame_counts.to(log_mel.dtype)[:, None, None]
-    mean = log_mel.sum(1, keepdim=True) / counts
-    # selects, not products: the padding of a clip with a NaN sample stays 0 (its valid frames are NaN)
-    centred = torch.where(valid, log_mel - mean, 0.0)
-    variance = centred.square().sum(1, keepdim=True) / (counts - 1).clamp_min(1)
-    return torch.where(valid, centred / variance.add_(VARIANCE_EPS).sqrt_(), 0.0)
+def log_mel_fbank_reference(waveforms, lengths):
+    """The literal reference, the tests' oracle. waveforms: (B, N) float, right-padded; lengths: (B,) integer sample
+    counts in [400, N]. Returns (B, 1 + (N − 400) // 160, 80) float32 on waveforms' device: :func:`log_mel_reference`
+    normalised per clip and mel bin in fp32 as transformers does, (x − mean) / sqrt(var(ddof=1) + 1e-7); zeros past
+    a clip's end. A clip of one frame has no variance (transformers returns NaN): its features are defined as 0."""
+    log_mel = log_mel_reference(waveforms, lengths)
+    for clip, count in enumerate(num_frames(lengths.to(torch.int64)).tolist()):
+        x = log_mel[clip, :count]
+        if count < 2:
+            x.zero_()
+        else:
+            log_mel[clip, :count] = (x - x.mean(0)) / torch.sqrt(x.var(0, correction=1) + VARIANCE_EPS)
+    return log_mel.to(waveforms.device)
 
 
+# ------------------------------------------------------------------------------------------- fast CPU path
 @functools.lru_cache(maxsize=None)
 def _mel_filter_blocks(groups=5):
     """The interleaved filters cut into ``groups`` blocks of consecutive mel bins, each with only the rows (DFT bins
@@ -123,9 +137,9 @@ def _interleaved_mel_filters() -> torch.Tensor:
     return torch.from_numpy(np.repeat(kaldi_mel_filters(), 2, axis=0)).float()
 
 
-def log_mel_reference(waveforms, lengths, normalize=False):
+def log_mel_cpu(waveforms, lengths, normalize=False):
     """Log-mel (B, 1 + (N − 400) // 160, 80) float32 of a right-padded batch, normalised per clip and mel bin when
-    ``normalize`` (as :func:`normalize_per_mel_bin`); frames past a clip's end are 0.
+    ``normalize`` (as :func:`log_mel_fbank_reference`); frames past a clip's end are 0.
 
     The steps transformers runs per frame, as tensor ops over chunks of up to 256 frames of one clip, in fp64 (the
     fp32 samples are exact in it): the chunk's samples are copied to fp64 once; pre-emphasis runs over them once
@@ -182,7 +196,7 @@ def log_mel_reference(waveforms, lengths, normalize=False):
 
 
 def _normalize_clip_(log_mel):
-    """In place, one clip's (frames, 80): as :func:`normalize_per_mel_bin`, in fp32 like transformers."""
+    """In place, one clip's (frames, 80): as :func:`log_mel_fbank_reference`, in fp32 like transformers."""
     frames = log_mel.shape[0]
     log_mel.sub_(log_mel.mean(0))
     if frames < 2:  # one frame: no variance (transformers returns NaN); x − mean = 0 is our defined output
@@ -192,11 +206,11 @@ def _normalize_clip_(log_mel):
     log_mel.div_(variance.add_(VARIANCE_EPS).sqrt_())
 
 
-def log_mel_fbank_reference(waveforms, lengths):
-    """PyTorch reference (the CPU path and the oracle). waveforms: (B, N) float, right-padded; lengths: (B,) integer
-    sample counts in [400, N]. Returns (B, 1 + (N − 400) // 160, 80) float32, normalised; zeros past a clip's end."""
+def log_mel_fbank_cpu(waveforms, lengths):
+    """The fast CPU path (``auto`` on CPU tensors): :func:`log_mel_fbank_reference`'s result, from
+    :func:`log_mel_cpu`, on waveforms' device."""
     # transformers casts the log-mel to float32 and normalises in float32
-    return log_mel_reference(waveforms, lengths, normalize=True).to(waveforms.device)
+    return log_mel_cpu(waveforms, lengths, normalize=True).to(waveforms.device)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -262,46 +276,101 @@ def _log_mel_kernel(
     tl.store(out, log_mel, mask=(offs_f[:, None] < max_frames) & (offs_mel[None, :] < NUM_MEL))
 
 
-# ------------------------------------------------------------------------------------------------ launcher
-# Launch configurations on a GPU (benchmarks/compile_check.py compiles exactly these; ptxas, sm_90a / sm_80, triton
-# 3.9). Framing: 4 frames × 512 per 4-warp program, 16 samples a thread: 84 / 90 registers, no spill (16 frames a
-# program needed 255 and spilled). Log-mel: 32 frames a program, 32 bins a step, 8 warps: 93 / 80 registers, 36 KB
-# of shared memory (the whole filter bank at once asked for 144 KB, one block per SM, and spilled).
-FRAMES_LAUNCH = [dict(BLOCK_F=4, num_warps=4)]
-LOG_MEL_LAUNCH = [dict(BLOCK_F=32, BLOCK_K=32, num_warps=8, num_stages=2)]
+# ------------------------------------------------------------------------------------------------- configs
+# Launch configurations on a GPU (the compile check compiles exactly these; ptxas, sm_90a / sm_80, triton 3.9).
+# Framing: 4 frames × 512 per 4-warp program, 16 samples a thread: 84 / 90 registers, no spill (16 frames a program
+# needed 255 and spilled). Log-mel: 32 frames a program, 32 bins a step, 8 warps: 93 / 80 registers, 36 KB of shared
+# memory (the whole filter bank at once asked for 144 KB, one block per SM, and spilled). The launcher runs the
+# first of each list.
+FRAMES_CONFIGS = [triton.Config({"BLOCK_F": 4}, num_warps=4)]
+LOG_MEL_CONFIGS = [triton.Config({"BLOCK_F": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2)]
 # Under the interpreter the cost is per program and per op: bigger blocks, fewer steps.
-_INTERPRETED_FRAMES = dict(BLOCK_F=8, num_warps=4)
-_INTERPRETED_LOG_MEL = dict(BLOCK_F=16, BLOCK_K=128, num_warps=4)
+INTERPRETER_FRAMES_CONFIG = triton.Config({"BLOCK_F": 8}, num_warps=4)
+INTERPRETER_LOG_MEL_CONFIG = triton.Config({"BLOCK_F": 16, "BLOCK_K": 128}, num_warps=4)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+@functools.lru_cache(maxsize=None)
+def _device_constants(device: torch.device):
+    window = torch.tensor(povey_window(), dtype=torch.float64, device=device)
+    mel = np.zeros((_NUM_BINS, 128))
+    mel[:, :NUM_MEL_BINS] = kaldi_mel_filters()[:_NUM_BINS]
+    return window, torch.tensor(mel, dtype=torch.float32, device=device)
+
+
+def _frame_buffer(waveforms):
+    """(B, F, 512) fp64: the framing kernel's output, the FFT's input."""
+    return torch.empty(waveforms.shape[0], int(num_frames(waveforms.shape[1])), FFT_LENGTH, device=waveforms.device,
+                       dtype=torch.float64)
+
+
+def _spectrum(framed):
+    """(B, F, 257, 2) fp64: the one-sided DFT of every frame, as reals."""
+    return torch.view_as_real(torch.fft.rfft(framed, dim=-1))
+
+
+def _frames_args(waveforms, lengths, framed):
+    return dict(
+        wave_ptr=waveforms, lengths_ptr=lengths, window_ptr=_device_constants(waveforms.device)[0], frames_ptr=framed,
+        stride_wb=waveforms.stride(0), stride_fb=framed.stride(0), stride_ff=framed.stride(1),
+        max_frames=framed.shape[1], FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, FFT=FFT_LENGTH, SCALE=INT16_SCALE,
+        PREEMPHASIS_COEF=PREEMPHASIS,
+    )
+
+
+def _log_mel_args(spectrum, lengths, out):
+    return dict(
+        spectrum_ptr=spectrum, lengths_ptr=lengths, mel_ptr=_device_constants(spectrum.device)[1], out_ptr=out,
+        stride_sb=spectrum.stride(0), stride_sf=spectrum.stride(1), stride_ob=out.stride(0), stride_of=out.stride(1),
+        max_frames=out.shape[1], FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, NUM_BINS=_NUM_BINS, NUM_MEL=NUM_MEL_BINS,
+        BLOCK_MEL=128, MEL_FLOOR_VALUE=MEL_FLOOR,
+    )
+
+
+def _grid(batch, frames, config):
+    # both kernels: BLOCK_F frames of one clip per program
+    return triton.cdiv(frames, config.kwargs["BLOCK_F"]), batch
 
 
 def _launch_log_mel(waveforms, lengths, frames_config=None, log_mel_config=None, out=None):
     """Unnormalised log-mel (B, F, 80) fp32 of every frame of every clip: two launches around one fp64 FFT.
-    ``out``: a preallocated buffer (tests pass one filled with NaN); ``frames_config``/``log_mel_config``: the blocks
-    and warps of each launch (default: FRAMES_LAUNCH[0] and LOG_MEL_LAUNCH[0] on a GPU)."""
+    ``lengths``: int32, in [400, N]. ``out``: a preallocated buffer (tests pass one filled with NaN);
+    ``frames_config``/``log_mel_config``: triton.Configs to force (default: the first of FRAMES_CONFIGS and
+    LOG_MEL_CONFIGS on a GPU, the interpreter's under it)."""
     batch, total = waveforms.shape
     frames = int(num_frames(total))
-    window, mel = _device_constants(waveforms.device)
     if waveforms.stride(1) != 1:
         waveforms = waveforms.contiguous()
     interpreted = triton_interpreter_enabled()
-    frames_config = frames_config or (_INTERPRETED_FRAMES if interpreted else FRAMES_LAUNCH[0])
-    log_mel_config = log_mel_config or (_INTERPRETED_LOG_MEL if interpreted else LOG_MEL_LAUNCH[0])
-    framed = torch.empty(batch, frames, FFT_LENGTH, device=waveforms.device, dtype=torch.float64)
-    _frames_kernel[(triton.cdiv(frames, frames_config["BLOCK_F"]), batch)](
-        waveforms, lengths, window, framed, waveforms.stride(0), framed.stride(0), framed.stride(1), frames,
-        FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, FFT=FFT_LENGTH, SCALE=INT16_SCALE, PREEMPHASIS_COEF=PREEMPHASIS,
-        **frames_config,
-    )
-    spectrum = torch.view_as_real(torch.fft.rfft(framed, dim=-1))  # (B, F, 257, 2) fp64
+    frames_config = frames_config or (INTERPRETER_FRAMES_CONFIG if interpreted else FRAMES_CONFIGS[0])
+    log_mel_config = log_mel_config or (INTERPRETER_LOG_MEL_CONFIG if interpreted else LOG_MEL_CONFIGS[0])
+    framed = _frame_buffer(waveforms)
+    _frames_kernel[_grid(batch, frames, frames_config)](**_frames_args(waveforms, lengths, framed),
+                                                        **frames_config.all_kwargs())
+    spectrum = _spectrum(framed)
     del framed
     if out is None:
         out = torch.empty(batch, frames, NUM_MEL_BINS, device=waveforms.device, dtype=torch.float32)
-    _log_mel_kernel[(triton.cdiv(frames, log_mel_config["BLOCK_F"]), batch)](
-        spectrum, lengths, mel, out, spectrum.stride(0), spectrum.stride(1), out.stride(0), out.stride(1), frames,
-        FRAME=FRAME_LENGTH, HOP=HOP_LENGTH, NUM_BINS=_NUM_BINS, NUM_MEL=NUM_MEL_BINS, BLOCK_MEL=128,
-        MEL_FLOOR_VALUE=MEL_FLOOR, **log_mel_config,
-    )
+    _log_mel_kernel[_grid(batch, frames, log_mel_config)](**_log_mel_args(spectrum, lengths, out),
+                                                          **log_mel_config.all_kwargs())
     return out
+
+
+def normalize_per_mel_bin(log_mel, frame_counts):
+    """(x − mean) / sqrt(var(ddof=1) + 1e-7) per clip and mel bin over the clip's frames, in log_mel's dtype (fp32,
+    as transformers); ``log_mel`` must be 0 on padded frames, which stay 0.
+
+    A clip of one frame has no variance (transformers returns NaN): its features are defined as 0 (x − mean = 0).
+    """
+    frames = log_mel.shape[1]
+    valid = (torch.arange(frames, device=log_mel.device)[None, :] < frame_counts[:, None])[..., None]
+    counts = frame_counts.to(log_mel.dtype)[:, None, None]
+    mean = log_mel.sum(1, keepdim=True) / counts
+    # selects, not products: the padding of a clip with a NaN sample stays 0 (its valid frames are NaN)
+    centred = torch.where(valid, log_mel - mean, 0.0)
+    variance = centred.square().sum(1, keepdim=True) / (counts - 1).clamp_min(1)
+    return torch.where(valid, centred / variance.add_(VARIANCE_EPS).sqrt_(), 0.0)
+
 
 
 # ---------------------------------------------------------------------------------------- torch.library op
@@ -317,7 +386,15 @@ def _(waveforms, lengths):
                                dtype=torch.float32)
 
 
+# No autograd: features are an input, nothing upstream of them learns.
+
+
 # ------------------------------------------------------------------------------------------------ dispatch
+# The launcher hands the kernels fp32 samples whatever the input's float dtype (transformers' extractor casts to fp32
+# too), so every float dtype runs them.
+_SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def log_mel_fbank(waveforms, lengths=None):
     """Normalised log-mel features of a right-padded batch of 16 kHz clips, as SeamlessM4TFeatureExtractor.
 
@@ -326,6 +403,10 @@ def log_mel_fbank(waveforms, lengths=None):
     Returns (B, 1 + (N − 400) // 160, 80) float32: per clip, its 1 + (length − 400) // 160 frames normalised per mel
     bin, zeros after them. A one-frame clip (400–559 samples) gets zeros (its variance is undefined). A NaN sample
     makes every frame of its clip NaN, on every path (FbankExtractor rejects non-finite audio before this).
+
+    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels; ``auto`` on CPU tensors
+    the fast CPU path; ``torch`` the literal reference. lengths' values are checked where that costs no device sync
+    (``_backend.checks_values``); elsewhere they are clamped to [400, N] on the device.
     """
     if not isinstance(waveforms, torch.Tensor) or waveforms.dim() != 2:
         shape = tuple(waveforms.shape) if isinstance(waveforms, torch.Tensor) else type(waveforms).__name__
@@ -338,11 +419,52 @@ def log_mel_fbank(waveforms, lengths=None):
     if lengths is None:
         lengths = torch.full((batch,), total, dtype=torch.int64, device=waveforms.device)
     check_lengths(lengths, batch)
-    if batch and not torch.compiler.is_compiling():
+    if values_checkable(lengths):
         low, high = int(lengths.min()), int(lengths.max())
         if low < FRAME_LENGTH or high > total:
             raise ValueError(f"lengths must lie in [{FRAME_LENGTH}, {total}] samples, got [{low}, {high}]")
-    lengths = lengths.to(waveforms.device)
-    if use_triton(waveforms) and batch:
+    # unchecked, a length past N would frame samples of the next row (or past the batch), one under 400 a negative
+    # frame count: clamped, every path reads inside its own clip
+    lengths = lengths.to(waveforms.device).clamp(FRAME_LENGTH, total)
+    if batch == 0:
+        return torch.zeros(0, int(num_frames(total)), NUM_MEL_BINS, device=waveforms.device)
+    path = dispatch(waveforms, kernel_dtypes=_SAMPLE_DTYPES)
+    if path == TRITON:
         return _log_mel_fbank_op(waveforms.float(), lengths.to(torch.int32))
+    if path == FAST:
+        return log_mel_fbank_cpu(waveforms, lengths)
     return log_mel_fbank_reference(waveforms, lengths)
+
+
+# --------------------------------------------------------------------------------------------- LAUNCH_META
+def _example_inputs(shape):
+    """Meta tensors as the op hands them to the launcher for one of the compile check's shapes: fp32 samples
+    (B, samples), int32 lengths."""
+    return (torch.empty(shape["batch"], shape["samples"], device="meta", dtype=torch.float32),
+            torch.empty(shape["batch"], device="meta", dtype=torch.int32))
+
+
+def _described(args):
+    """A launch's keyword arguments as the compile check takes them: a tensor by its dtype."""
+    return {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in args.items()}
+
+
+def _frames_example(shape, dtype):
+    waveforms, lengths = _example_inputs(shape)
+    return _described(_frames_args(waveforms, lengths, _frame_buffer(waveforms)))
+
+
+def _log_mel_example(shape, dtype):
+    waveforms, lengths = _example_inputs(shape)
+    out = torch.empty(shape["batch"], int(num_frames(shape["samples"])), NUM_MEL_BINS, device="meta")
+    return _described(_log_mel_args(_spectrum(_frame_buffer(waveforms)), lengths, out))
+
+
+# One input dtype: the launcher always passes fp32 samples (fp64 frames and spectra). The framing is fp64 by design;
+# the log-mel kernel has no fp64 arithmetic (it rounds the spectrum to fp32 on load).
+LAUNCH_META = {
+    "_frames_kernel": KernelLaunch(_frames_kernel, _frames_example, lambda dtype: FRAMES_CONFIGS,
+                                   dtypes=("float32",), expect=("no_local",)),
+    "_log_mel_kernel": KernelLaunch(_log_mel_kernel, _log_mel_example, lambda dtype: LOG_MEL_CONFIGS,
+                                    dtypes=("float32",), expect=("no_fp64", "no_local")),
+}
