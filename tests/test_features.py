@@ -1,6 +1,7 @@
 """FbankExtractor against transformers' SeamlessM4TFeatureExtractor: values (≤ FBANK_ATOL), shapes, masks, errors.
 
-Run under both backends: ``torch`` (the CPU path) and ``triton`` (the kernel, interpreted on CPU in CI).
+Run under every backend: ``auto`` (the fast CPU path on CPU tensors), ``torch`` (the literal reference) and ``triton``
+(the kernel, interpreted on CPU in CI).
 """
 
 import json
@@ -65,7 +66,7 @@ def assert_same_as_transformers(ours, expected):
     assert torch.equal(ours["attention_mask"].cpu().long(), expected_mask.long())
 
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["auto", "torch", "triton"]
 # the triton backend runs the kernels on CUDA tensors when there is a GPU, under the interpreter on CPU tensors
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -107,7 +108,7 @@ def test_each_edge_length_alone_matches_transformers(reference, samples):
 @pytest.mark.parametrize("frames", [255, 256, 257, 513])
 def test_cpu_path_chunk_boundaries_match_transformers(backend, reference, frames):
     """The CPU path works in chunks of 256 frames of one clip: clips ending either side of a chunk boundary."""
-    backend("torch")
+    backend("auto")
     clips = [synthetic("chirp", (frames - 1) * 160 + 400 + extra, seed=frames) for extra in (0, 159)]
     assert_same_as_transformers(w2vbert_fast.FbankExtractor()(clips), reference(clips, sampling_rate=RATE))
 
