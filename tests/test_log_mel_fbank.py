@@ -114,8 +114,9 @@ def test_without_lengths_every_sample_is_real():
 
 def test_the_op_is_registered_with_torch_library():
     waves, lengths = padded_batch([900, 700])
-    torch.library.opcheck(torch.ops.w2vbert_fast.log_mel_fbank.default, (waves, lengths.to(torch.int32)),
-                          test_utils=("test_schema", "test_faketensor"))
+    for normalize in (True, False):
+        torch.library.opcheck(torch.ops.w2vbert_fast.log_mel_fbank.default, (waves, lengths.to(torch.int32), normalize),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_where_lengths_go_unchecked_no_value_is_read_on_the_host(backend, monkey
     backend("triton")
     monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
     seen = []
-    monkeypatch.setattr(fbank_module, "_log_mel_fbank_op", lambda waves, lengths: seen.append(lengths.clone()) or waves)
+    monkeypatch.setattr(fbank_module, "_log_mel_fbank_op", lambda waves, lengths, normalize: seen.append(lengths.clone()) or waves)
 
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor value was read on the host")
@@ -176,3 +177,15 @@ def test_unchecked_out_of_range_lengths_read_only_their_own_clip(backend, monkey
     out = log_mel_fbank(waves, torch.tensor([5000, 10], device=DEVICE))
     assert torch.isfinite(out).all()
     assert torch.equal(out, log_mel_fbank(waves, torch.tensor([1200, 400], device=DEVICE)))
+
+
+@pytest.mark.parametrize("which", ["auto", "torch", "triton"])
+def test_unnormalised_log_mel_is_the_reference_before_normalisation(backend, which):
+    backend(which)
+    generator = torch.Generator().manual_seed(4)
+    waveforms = 0.3 * torch.randn(2, 4000, generator=generator)
+    lengths = torch.tensor([4000, 2345])
+    got = log_mel_fbank(waveforms, lengths, normalize=False)
+    want = log_mel_reference(waveforms, lengths)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 1e-3

@@ -97,8 +97,7 @@ class FbankExtractor:
       fewer (one frame is the minimum), integer samples (transformers computes on them unscaled), non-finite
       samples, and samples beyond ±MAX_ABS_SAMPLE (1e9), whose fp32 power spectrum could overflow into NaN.
     - Refused with a ValueError naming the setting: ``num_mel_bins``/``feature_size`` other than 80 and
-      ``sampling_rate`` other than 16000 (the kernel's filter bank), and ``do_normalize_per_mel_bins=False`` (the
-      kernel always normalises per mel bin, as w2v-bert-2.0 expects; use transformers' extractor for raw log-mel).
+      ``sampling_rate`` other than 16000 (the kernel's filter bank).
     - ``padding=False`` with clips of different frame counts, or ``padding="max_length"`` with a clip longer
       than ``max_length`` and no ``truncation``: a ValueError saying so (transformers fails unpacking a shape).
     - With ``stride=1`` the mask is the frame mask; transformers returns an empty (B, 0) one.
@@ -203,12 +202,6 @@ class FbankExtractor:
             raise ValueError(
                 f"sampling_rate must be the extractor's {self.sampling_rate} Hz, got {sampling_rate}: resample first"
             )
-        if not do_normalize_per_mel_bins:
-            raise ValueError(
-                f"do_normalize_per_mel_bins={do_normalize_per_mel_bins!r} is not supported: the fbank kernel always "
-                "normalises per mel bin (what w2v-bert-2.0 expects); use transformers' SeamlessM4TFeatureExtractor "
-                "for unnormalised log-mel"
-            )
         strategy = _padding_strategy(padding, max_length, truncation, pad_to_multiple_of)
         as_numpy = _returns_numpy(return_tensors)
         if return_attention_mask is None:
@@ -218,7 +211,8 @@ class FbankExtractor:
         checked = [check_clip(clip, name) for clip, name in _clips(raw_speech, lengths)]
         waveforms, sizes = _padded_waveforms(checked, torch.device(device))
 
-        features = ops.log_mel_fbank(waveforms, sizes)  # (B, F, 80), zeros after each clip's frames
+        # (B, F, 80), zeros after each clip's frames; transformers normalises when the flag is truthy (None: not)
+        features = ops.log_mel_fbank(waveforms, sizes, normalize=bool(do_normalize_per_mel_bins))
         # frame counts from the host's clip sizes: no device sync
         counts = [int(num_frames(clip.shape[0])) for clip in checked]
         if truncation:

@@ -206,11 +206,11 @@ def _normalize_clip_(log_mel):
     log_mel.div_(variance.add_(VARIANCE_EPS).sqrt_())
 
 
-def log_mel_fbank_cpu(waveforms, lengths):
-    """The fast CPU path (``auto`` on CPU tensors): :func:`log_mel_fbank_reference`'s result, from
-    :func:`log_mel_cpu`, on waveforms' device."""
+def log_mel_fbank_cpu(waveforms, lengths, normalize=True):
+    """The fast CPU path (``auto`` on CPU tensors): :func:`log_mel_fbank_reference`'s result (``normalize=False``:
+    :func:`log_mel_reference`'s), from :func:`log_mel_cpu`, on waveforms' device."""
     # transformers casts the log-mel to float32 and normalises in float32
-    return log_mel_cpu(waveforms, lengths, normalize=True).to(waveforms.device)
+    return log_mel_cpu(waveforms, lengths, normalize=normalize).to(waveforms.device)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -375,13 +375,13 @@ def normalize_per_mel_bin(log_mel, frame_counts):
 
 # ---------------------------------------------------------------------------------------- torch.library op
 @torch.library.custom_op("w2vbert_fast::log_mel_fbank", mutates_args=())
-def _log_mel_fbank_op(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _log_mel_fbank_op(waveforms: torch.Tensor, lengths: torch.Tensor, normalize: bool) -> torch.Tensor:
     log_mel = _launch_log_mel(waveforms, lengths)
-    return normalize_per_mel_bin(log_mel, num_frames(lengths.to(torch.int64)))
+    return normalize_per_mel_bin(log_mel, num_frames(lengths.to(torch.int64))) if normalize else log_mel
 
 
 @_log_mel_fbank_op.register_fake
-def _(waveforms, lengths):
+def _(waveforms, lengths, normalize):
     return waveforms.new_empty(waveforms.shape[0], int(num_frames(waveforms.shape[1])), NUM_MEL_BINS,
                                dtype=torch.float32)
 
@@ -395,7 +395,7 @@ def _(waveforms, lengths):
 _SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def log_mel_fbank(waveforms, lengths=None):
+def log_mel_fbank(waveforms, lengths=None, normalize=True):
     """Normalised log-mel features of a right-padded batch of 16 kHz clips, as SeamlessM4TFeatureExtractor.
 
     waveforms: (B, N) float tensor of samples in [-1, 1] (the extractor's input scale), right-padded;
@@ -403,6 +403,7 @@ def log_mel_fbank(waveforms, lengths=None):
     Returns (B, 1 + (N − 400) // 160, 80) float32: per clip, its 1 + (length − 400) // 160 frames normalised per mel
     bin, zeros after them. A one-frame clip (400–559 samples) gets zeros (its variance is undefined). A NaN sample
     makes every frame of its clip NaN, on every path (FbankExtractor rejects non-finite audio before this).
+    ``normalize=False``: the log-mel itself, unnormalised (the extractor's ``do_normalize_per_mel_bins=False``).
 
     Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels; ``auto`` on CPU tensors
     the fast CPU path; ``torch`` the literal reference. lengths' values are checked where that costs no device sync
@@ -430,10 +431,12 @@ def log_mel_fbank(waveforms, lengths=None):
         return torch.zeros(0, int(num_frames(total)), NUM_MEL_BINS, device=waveforms.device)
     path = dispatch(waveforms, kernel_dtypes=_SAMPLE_DTYPES)
     if path == TRITON:
-        return _log_mel_fbank_op(waveforms.float(), lengths.to(torch.int32))
+        return _log_mel_fbank_op(waveforms.float(), lengths.to(torch.int32), bool(normalize))
     if path == FAST:
-        return log_mel_fbank_cpu(waveforms, lengths)
-    return log_mel_fbank_reference(waveforms, lengths)
+        return log_mel_fbank_cpu(waveforms, lengths, bool(normalize))
+    if normalize:
+        return log_mel_fbank_reference(waveforms, lengths)
+    return log_mel_reference(waveforms, lengths).to(waveforms.device)
 
 
 # --------------------------------------------------------------------------------------------- LAUNCH_META
