@@ -369,7 +369,7 @@ def test_write_failure_mid_run_stops_with_one_line(folder, tmp_path, capsys, mon
 
     import w2vbert_fast.extract.store as store
 
-    def disk_full(path, hidden_states, metadata):
+    def disk_full(path, hidden_states, metadata, **options):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     monkeypatch.setattr(store, "save_hidden_states", disk_full)

@@ -10,6 +10,7 @@ from .config import Wav2Vec2BertConfig
 from .features import FbankExtractor
 from .modeling import Wav2Vec2BertForCTC, Wav2Vec2BertModel
 from .patch import optimize
+from .extract.reader import load_features
 
 __version__ = "0.1.0"
 

@@ -2,9 +2,9 @@
 
 * ``demo``: a bundled speech clip through features and encoder, the fast path against the reference path
   (transformers when installed, else our PyTorch reference), printing the max difference and the time of each.
-* ``extract``: audio files → one safetensors file of one layer's hidden states per clip, batched by length,
-  resumable, unreadable files reported by name without stopping the rest (the ``w2vbert_fast.extract``
-  application; this file turns the arguments into its ExtractOptions).
+* ``extract``: audio files, folders, lists or manifests → one layer's hidden states per clip (a safetensors file
+  each, or shards), batched by length, pipelined, resumable, unreadable files reported by name without stopping
+  the rest (the ``w2vbert_fast.extract`` application; this file turns the arguments into its ExtractOptions).
 * ``bench``: the benchmark suite (a repository checkout's ``benchmarks/``) and its report.
 
 The standalone path (extract) never imports transformers.
@@ -26,9 +26,10 @@ def extract_options(args) -> ExtractOptions:
         batch_seconds = 300.0 if device.type == "cuda" else 60.0
     return ExtractOptions(
         out=args.out, model=model_source(args.model, args.random_weights, args.seed), inputs=tuple(args.inputs),
-        list_file=args.list, layer=args.layer, batch_seconds=batch_seconds, device=device, dtype=dtype,
-        resample=args.resample, downmix=args.downmix, overwrite=args.overwrite, quiet=args.quiet,
-        rank_timeout=args.rank_timeout)
+        list_file=args.list, manifest=args.manifest, layer=args.layer, batch_seconds=batch_seconds, device=device,
+        dtype=dtype, save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, shard_size=args.shard_size,
+        workers=args.workers, resample=args.resample, downmix=args.downmix, overwrite=args.overwrite,
+        quiet=args.quiet, rank_timeout=args.rank_timeout)
 
 
 def add_runtime_options(parser):
@@ -66,20 +67,36 @@ def build_parser():
     p = commands.add_parser("extract", help="audio files → one safetensors file of a layer's hidden states per clip",
                             description="Hidden states of one layer for every clip: OUT/<name>.safetensors with a "
                                         "tensor 'hidden_states' (frames, hidden) and metadata (layer, source, sample "
-                                        "rate, model identity, dtype). A rerun resumes: outputs that check out are "
-                                        "skipped, damaged or out-of-date ones redone, and ones computed with another "
-                                        "layer, model or dtype stop the run (see --overwrite). Unreadable files are "
-                                        "reported by name at the end (exit status 1); the rest are written.")
+                                        "rate, model identity, dtype), or shards of many clips (--shard-size); "
+                                        "w2vbert_fast.load_features(OUT) reads either back. A rerun resumes: "
+                                        "outputs that check out are skipped, damaged or out-of-date ones redone, and "
+                                        "ones computed with another layer, model or dtype stop the run (see "
+                                        "--overwrite). Unreadable files are reported by name at the end (exit status "
+                                        "1); the rest are written. OUT/manifest.json lists every clip.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders (searched recursively for "
                                                               ".wav, .flac, …)")
     p.add_argument("--list", metavar="FILE", help="a text file of audio paths, one per line")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="JSON lines ({\"path\": …, \"duration\": s, \"sample_rate\": Hz, \"name\": …}) or TSV "
+                        "(path, duration, sample_rate): clips whose duration is given are not opened before their "
+                        "batch; relative paths are relative to the manifest's folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_model_options(p)
     p.add_argument("--layer", type=int, default=None,
-                   help="which hidden state: 0 = after the feature projection, N = output of layer N (default 17, "
-                        "what TTS systems use with w2v-bert-2.0; the last layer of a model with fewer)")
+                   help="which hidden state, numbered as transformers' hidden_states: 0 = the feature projection's "
+                        "output, N = output of layer N, and only layers 1…N run (default 17, what TTS systems use "
+                        "with w2v-bert-2.0; the last layer of a model with fewer)")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio per batch, in seconds (default: 300 on CUDA, 60 on CPU)")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help="N clips per safetensors shard in OUT/shards/ (one fsync per shard; resume per shard) "
+                        "instead of one file per clip")
+    p.add_argument("--save-dtype", choices=sorted(DTYPES),
+                   help="store the hidden states in this dtype (bfloat16 or float16: half the bytes; default: "
+                        "--dtype)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="threads that decode audio ahead of the model (and up to 4 that write outputs behind it); "
+                        "0: every stage in turn on one thread (default 4)")
     p.add_argument("--resample", action="store_true", help="resample clips that are not 16 kHz (else an error)")
     p.add_argument("--downmix", action="store_true", help="average multi-channel clips to mono (else an error)")
     p.add_argument("--overwrite", action="store_true",
@@ -107,8 +124,8 @@ def build_parser():
 
 
 def check_extract_arguments(parser, args):
-    if not args.inputs and not args.list:
-        parser.error("extract: give audio files or folders, or --list FILE")
+    if not args.inputs and not args.list and not args.manifest:
+        parser.error("extract: give audio files or folders, --list FILE or --manifest FILE")
     if not args.model and not args.random_weights:
         parser.error("extract needs --model FOLDER (a transformers-format checkpoint: config.json + "
                      "model.safetensors, e.g. a download of facebook/w2v-bert-2.0); --random-weights is for tests")

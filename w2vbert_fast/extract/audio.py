@@ -8,11 +8,13 @@ operating-system faults alike (no permission, a file removed or truncated while 
 going through many files can name the bad one and go on.
 
 Multi-channel audio is an error unless ``downmix=True`` (the mean of the channels); a sample rate other than the
-one asked for is an error unless ``resample=True`` (a windowed-sinc resampler in torch, :func:`resample`).
+one asked for is an error unless ``resample=True`` (windowed-sinc, in bounded memory for any rate: ``resample.py``).
+A header whose rate lies outside ``MIN_SAMPLE_RATE`` … ``MAX_SAMPLE_RATE`` (1 kHz – 384 kHz) is refused naming the
+rate (a damaged header claiming 1 Hz would make a 32 KB file hours of "audio"), and so is a file that holds fewer
+frames than its header says (truncated, or cut while a run goes): never decoded from the part that is left.
 """
 
 import contextlib
-import math
 import os
 import stat
 import struct
@@ -21,9 +23,14 @@ from importlib import resources
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..ops.log_mel_fbank import SAMPLE_RATE
+from .resample import resample_audio
+
+__all__ = ["AUDIO_EXTENSIONS", "AudioError", "AudioInfo", "audio_info", "bundled_clip_path", "check_sample_rate",
+           "read_audio", "read_clip", "resample_audio"]
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384000
 
 WAV_EXTENSIONS = (".wav", ".wave")
 SOUNDFILE_EXTENSIONS = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
@@ -45,6 +52,13 @@ class AudioInfo:
     @property
     def seconds(self) -> float:
         return self.frames / self.sample_rate
+
+
+def check_sample_rate(path, rate):
+    """AudioError naming the rate unless MIN_SAMPLE_RATE ≤ rate ≤ MAX_SAMPLE_RATE."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz (a damaged "
+                         f"header?); convert the file if the rate is real")
 
 
 def bundled_clip_path() -> str:
@@ -89,13 +103,17 @@ def _wav_layout(path) -> _WavLayout:
                                      f"install soundfile or convert the file)")
                 if (tag == _PCM and bits not in (8, 16, 24, 32)) or (tag == _FLOAT and bits not in (32, 64)):
                     raise AudioError(f"{path}: {bits}-bit {'PCM' if tag == _PCM else 'float'} WAV is not supported")
-                if channels < 1 or rate < 1:
+                if channels < 1:
                     raise AudioError(f"{path}: WAV header says {channels} channels at {rate} Hz")
+                check_sample_rate(path, rate)
+                block = channels * bits // 8
                 available = os.path.getsize(path) - f.tell()
-                if size == 0xFFFFFFFF or size > available:  # streamed or truncated: use what is there
+                if size == 0xFFFFFFFF:  # streamed (or RF64): the data runs to the end of the file
                     size = available
-                frames = size // (channels * bits // 8)
-                return _WavLayout(AudioInfo(rate, frames, channels), tag, bits, f.tell())
+                elif size // block > available // block:
+                    raise AudioError(f"{path}: truncated: its header says {size // block} frames, the file holds "
+                                     f"{available // block}")
+                return _WavLayout(AudioInfo(rate, size // block, channels), tag, bits, f.tell())
             else:
                 f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are word-aligned
 
@@ -179,7 +197,26 @@ def audio_info(path) -> AudioInfo:
             info = soundfile.info(path)
         except Exception as error:
             raise AudioError(f"{path}: cannot read audio: {error}") from None
+    check_sample_rate(path, int(info.samplerate))
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
+
+
+def _read_soundfile(path):
+    """(samples (frames, channels), rate) through soundfile; AudioError if fewer frames decode than its header says."""
+    soundfile = _soundfile(path)
+    try:
+        with soundfile.SoundFile(path) as f:
+            check_sample_rate(path, int(f.samplerate))
+            frames = f.frames
+            data = f.read(dtype="float32", always_2d=True)
+            rate = int(f.samplerate)
+    except AudioError:
+        raise
+    except Exception as error:
+        raise AudioError(f"{path}: cannot read audio: {error}") from None
+    if frames >= 0 and data.shape[0] != frames:  # soundfile gives a negative count where the header has none
+        raise AudioError(f"{path}: truncated: its header says {frames} frames, {data.shape[0]} decode")
+    return data, rate
 
 
 def read_audio(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
@@ -188,17 +225,16 @@ def read_audio(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
     Raises AudioError (naming the file) for unreadable files, multi-channel audio without ``downmix``, another
     rate without ``resample``, and non-finite samples. ``sample_rate=None`` keeps the file's rate.
     """
+    samples, file_rate = read_clip(path, sample_rate, downmix=downmix, resample=resample)
+    return samples, file_rate if sample_rate is None else sample_rate
+
+
+def read_clip(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
+    """``(samples at sample_rate, the file's own rate)``: as :func:`read_audio`, and the rate it was read at."""
     path = os.fspath(path)
     _check_regular_file(path)
     with _reading(path):
-        if path.lower().endswith(WAV_EXTENSIONS):
-            data, rate = _read_wav(path)
-        else:
-            soundfile = _soundfile(path)
-            try:
-                data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-            except Exception as error:
-                raise AudioError(f"{path}: cannot read audio: {error}") from None
+        data, rate = _read_wav(path) if path.lower().endswith(WAV_EXTENSIONS) else _read_soundfile(path)
     if data.shape[1] > 1:
         if not downmix:
             raise AudioError(f"{path}: {data.shape[1]} channels; the encoder takes mono audio (pass --downmix to "
@@ -211,39 +247,9 @@ def read_audio(path, sample_rate=SAMPLE_RATE, *, downmix=False, resample=False):
     if sample_rate is not None and rate != sample_rate:
         if not resample:
             raise AudioError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz (pass --resample to convert)")
-        data = resample_audio(torch.from_numpy(np.ascontiguousarray(data)), rate, sample_rate).numpy()
-        rate = sample_rate
+        try:
+            data = resample_audio(torch.from_numpy(np.ascontiguousarray(data)), rate, sample_rate).numpy()
+        except (RuntimeError, MemoryError, ValueError) as error:  # an allocation failure fails this clip alone
+            raise AudioError(f"{path}: cannot resample {rate} Hz to {sample_rate} Hz ({type(error).__name__}: "
+                             f"{error})") from None
     return np.ascontiguousarray(data, dtype=np.float32), rate
-
-
-# ------------------------------------------------------------------------------------------- resampling
-def resample_audio(waveform: torch.Tensor, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6,
-                   rolloff: float = 0.99) -> torch.Tensor:
-    """Band-limited (Hann-windowed sinc) resampling of a 1-D or (..., T) tensor; torchaudio's ``resample`` when
-    torchaudio is installed, the same algorithm here otherwise."""
-    if orig_freq == new_freq:
-        return waveform
-    try:
-        import torchaudio.functional
-
-        return torchaudio.functional.resample(waveform, orig_freq, new_freq, lowpass_filter_width=lowpass_filter_width,
-                                              rolloff=rolloff)
-    except ImportError:
-        pass
-    gcd = math.gcd(int(orig_freq), int(new_freq))
-    orig, new = int(orig_freq) // gcd, int(new_freq) // gcd
-    dtype = waveform.dtype if waveform.is_floating_point() else torch.float32
-    base_freq = min(orig, new) * rolloff
-    width = math.ceil(lowpass_filter_width * orig / base_freq)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
-    t = (t * base_freq).clamp(-lowpass_filter_width, lowpass_filter_width)
-    window = torch.cos(t * math.pi / lowpass_filter_width / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base_freq / orig)
-    shape = waveform.shape
-    flat = waveform.reshape(-1, shape[-1]).to(dtype)
-    length = shape[-1]
-    out = F.conv1d(F.pad(flat, (width, width + orig))[:, None], kernel.to(waveform.device, dtype), stride=orig)
-    out = out.transpose(1, 2).reshape(flat.shape[0], -1)[:, : math.ceil(new * length / orig)]
-    return out.reshape(*shape[:-1], out.shape[-1])

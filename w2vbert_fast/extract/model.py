@@ -1,10 +1,21 @@
 """The model an extraction runs: where it comes from (a checkpoint folder, or seeded random weights of an
-architecture), loading it with its feature extractor, the identity its outputs record, and running it only up to
-the layer asked for. Clear one-line errors (ExtractError) for a folder that cannot be used."""
+architecture), loading it with its feature extractor (its settings checked against the model before any work), and
+the identity its outputs record. Clear one-line errors (ExtractError) for a folder that cannot be used.
 
-import contextlib
+The identity of a checkpoint is a SHA-256 of each weight file's bytes, so a checkpoint swapped for another of the
+same size and modification time is told apart (sizes and mtimes were not enough: a probe's stale outputs passed as
+done). Hashing costs about 1 s per GB here (200 MB: 0.19–0.26 s, page cache warm, 2 cores; w2v-bert-2.0's 2.3 GB
+about 2.5 s, plus the read when cold), so files of ``CACHE_MIN_BYTES`` or more are hashed once and their digest
+cached (``W2VBERT_FAST_CACHE``, default ``~/.cache/w2vbert_fast``), keyed by the file's real path, device, inode,
+size, mtime and ctime. ctime is set by the kernel on every change to the file and cannot be set back from user
+space, so a cached digest is used only for the very file that was hashed; a cache that cannot be read or written
+just means hashing again.
+"""
+
 import hashlib
+import json
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +28,8 @@ from ..modeling import Wav2Vec2BertModel
 from .errors import ExtractError
 
 DEFAULT_LAYER = 17  # what TTS systems take from w2v-bert-2.0's 24 layers
+CACHE_MIN_BYTES = 64 << 20  # smaller weight files are hashed on every run (64 MB: about 60 ms)
+CACHE_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -48,27 +61,106 @@ def load_model(source: ModelSource, device, dtype):
 
 
 def feature_extractor(source: ModelSource) -> FbankExtractor:
-    """The checkpoint's preprocessor_config.json settings when it has one, else w2v-bert-2.0's."""
+    """The checkpoint's preprocessor_config.json settings when it has one, else w2v-bert-2.0's. Padding on the
+    right and the attention mask always: where the padding goes changes no clip's hidden states, and extract
+    slices each clip's frames from the start."""
     folder = source.folder
     if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
         try:
-            return FbankExtractor.from_pretrained(folder)
+            return FbankExtractor.from_pretrained(folder, padding_side="right", return_attention_mask=True)
         except (OSError, ValueError, TypeError) as error:
             raise ExtractError(f"--model {folder}: {error}") from None
     return FbankExtractor()
 
 
+def check_features(extractor, model, source: ModelSource):
+    """ExtractError, before any work, if the extractor's rows do not fit the model's feature projection (e.g.
+    ``"stride": 3`` in preprocessor_config.json: 240 values a row for a model that takes 160)."""
+    width = extractor.num_mel_bins * extractor.stride
+    expected = model.config.feature_projection_input_dim
+    if width != expected or extractor.stride != 2:  # 2: the frame pairs store.hidden_frames counts
+        where = f"--model {source.folder}: {os.path.join(source.folder, 'preprocessor_config.json')}" \
+            if source.folder else "the feature extractor"
+        raise ExtractError(f"{where} gives stride {extractor.stride} ({width} values a "
+                           f"row) and config.json's feature_projection_input_dim is {expected}: extract takes stride 2 "
+                           f"and 160 (2 × {extractor.num_mel_bins} mel bins, as w2v-bert-2.0); fix the stride or "
+                           f"delete the file")
+
+
 def model_identity(source: ModelSource, model) -> dict:
-    """Output metadata that tells one model from another: a hash of its config, and the weight files' size and
-    modification time (or the seed of random weights). Hashing gigabytes of weights on every run would cost
-    more than it saves."""
+    """Output metadata that tells one model from another: a hash of its config, and of each weight file's bytes
+    (or the seed of random weights)."""
     config = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
     if source.folder is not None:
-        stats = [(os.path.basename(f), os.stat(f)) for f in checkpoint_files(source.folder)]
-        weights = ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
+        cache = DigestCache(cache_folder())
+        weights = ";".join(f"{os.path.basename(f)} sha256:{cache.sha256(f)}" for f in checkpoint_files(source.folder))
+        cache.save()
     else:
         weights = f"random {source.name} seed {source.seed}"
     return {"model_config_sha256": config, "model_weights": weights}
+
+
+def cache_folder() -> str:
+    return os.environ.get("W2VBERT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "w2vbert_fast")
+
+
+class DigestCache:
+    """SHA-256 digests of large files, keyed by what identifies one version of one file (see the module's
+    docstring); kept in ``folder/weights-sha256.json``, the most recent CACHE_ENTRIES."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "weights-sha256.json")
+        self.changed = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.entries = json.load(f)
+            if not isinstance(self.entries, dict):
+                self.entries = {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, path) -> str:
+        st = os.stat(path)
+        if st.st_size < CACHE_MIN_BYTES:
+            return file_sha256(path)
+        real = os.path.realpath(path)
+        key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = self.entries.get(real)
+        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = file_sha256(path)
+        self.entries.pop(real, None)
+        self.entries[real] = {"key": key, "sha256": digest}  # last: the newest
+        self.changed = True
+        return digest
+
+    def save(self):
+        if not self.changed:
+            return
+        keep = dict(list(self.entries.items())[-CACHE_ENTRIES:])
+        partial = f"{self.path}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(partial, "w", encoding="utf-8") as f:
+                json.dump(keep, f)
+            os.replace(partial, self.path)
+        except OSError:  # a read-only home: hash again next time
+            try:
+                os.remove(partial)
+            except OSError:
+                pass
+
+
+def file_sha256(path) -> str:
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError as error:
+        raise ExtractError(f"{path}: cannot read it to identify the model ({error.strerror})") from None
 
 
 def choose_layer(requested, model) -> int:
@@ -80,16 +172,3 @@ def choose_layer(requested, model) -> int:
         raise ExtractError(f"--layer must be between 0 (the input to the first layer) and {layers} (the last "
                            f"layer's output) for this model, got {layer}")
     return layer
-
-
-@contextlib.contextmanager
-def up_to_layer(model, layer):
-    """``model`` running its first ``layer`` encoder layers only: the ones after it would cost time for a result
-    nobody reads. The slice shares the layers' modules (nothing copied), and the full list is put back on the way
-    out, so whoever holds the model gets it whole again."""
-    layers = model.encoder.layers
-    model.encoder.layers = layers[:layer]
-    try:
-        yield model
-    finally:
-        model.encoder.layers = layers

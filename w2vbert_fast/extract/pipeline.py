@@ -1,72 +1,131 @@
 """The work of ``extract`` once its inputs are known: which clips are left to do (resume), batches by length,
-and the batch loop — decode → features + model → writes — with failures isolated per clip.
+and the pipeline — decode workers → features + model on the device → writers — with failures isolated per clip.
 
-Every stage takes and returns plain values (tasks, waves, hidden states), so each can move onto its own workers
-without the others changing. A clip that cannot be decoded, fails the clip check, makes its batch raise, or
-comes out NaN/Inf is listed with its reason and gets no output; the rest of its batch is written.
+Three stages, overlapped (``workers`` > 0):
+
+* decode: each clip read, downmixed, resampled and checked in a pool of ``workers`` threads (WAV parsing, numpy
+  and torch release the GIL), at most ``PREFETCH`` batches ahead of the device (a bounded queue); on CUDA into
+  pinned memory, so the copies to the device are asynchronous;
+* encode (the main thread): features and model on the device, the layer asked for only (``output_layer``), cast
+  to the stored dtype, and each clip's finiteness as one (B,) flag tensor; on CUDA copied into pinned host memory
+  with ``non_blocking`` and an event recorded — the main thread never waits for the device, and goes on to the
+  next batch;
+* write: a pool of threads waits for the batch's event (the one host sync per batch), slices each clip's frames
+  (known on the host from its sample count) and writes them (``store`` per clip, ``shards``), at most
+  ``IN_FLIGHT`` batches behind.
+
+``workers=0`` runs the same stages one after another on the main thread (the serial loop extract used to be;
+benchmarks/bench_extract.py compares them). Outputs, resume and failures are the same either way: a clip that
+cannot be decoded, fails the clip check, makes its batch raise, or comes out NaN/Inf is listed with its reason
+and gets no output; the rest of its batch is written. A write that fails stops the run (ExtractError) once the
+writes in flight are done.
 """
 
 import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from ..features import check_clip
 from ..ops.log_mel_fbank import SAMPLE_RATE
-from . import audio, store
+from . import audio, shards, store
+
+PREFETCH = 2  # batches decoded ahead of the device
+IN_FLIGHT = 2  # batches encoded but not yet written, before the main thread waits for the writers
+MAX_WRITERS = 4
 
 
 @dataclass(frozen=True)
 class Task:
-    """A clip to extract: its audio, its output, its length and rate (from the header), what its output records."""
+    """A clip to extract: its audio, its output's name (and file, per clip), its length and rate (from the header
+    or a manifest: ``claimed`` ones are checked against the decoded audio)."""
 
     path: str
-    out: str
+    name: str
+    out: Optional[str]
     seconds: float
-    rate: int
-    metadata: dict
+    rate: Optional[int]
+    claimed: bool = False
 
 
 @dataclass
 class Plan:
-    """What a run has to do: ``todo`` tasks, how many outputs are ``skipped`` (done), the outputs ``redone``
-    (stale or damaged) and in ``conflict`` (another layer, model, dtype or source), as messages, and the clips
-    that already ``failed`` ([(path, message)])."""
+    """What a run has to do: ``todo`` tasks, how many outputs are ``skipped`` (done) and their manifest ``rows``,
+    the outputs ``redone`` (stale or damaged) and in ``conflict`` (another layer, model, dtype or source), as
+    messages, and the clips that already ``failed`` ([(path, message)])."""
 
     todo: list = field(default_factory=list)
     skipped: int = 0
+    rows: list = field(default_factory=list)
     redone: list = field(default_factory=list)
     conflicts: list = field(default_factory=list)
     failed: list = field(default_factory=list)
 
 
-def plan(clips, out_dir, settings: store.Settings, hidden_size, overwrite=False) -> Plan:
-    """Resume: an existing output that checks out is skipped (unless ``overwrite``); every other clip whose audio
-    header reads is a task."""
+def plan(clips, out_dir, settings: store.Settings, hidden_size, overwrite=False, sharded=False) -> Plan:
+    """Resume: an existing output that checks out is skipped (unless ``overwrite``); every other clip whose length
+    is known (from its manifest line, else its header) is a task. Per clip, the output folder is listed once and
+    only the clips with an output are stat'ed; sharded, only the shards' headers are read."""
     result = Plan()
-    for path, name in clips:
-        out = store.output_path(out_dir, name)
-        try:
-            metadata = store.expected_metadata(path, settings)
-        except OSError as error:
-            result.failed.append((path, f"{path}: cannot read: {error.strerror}"))
-            continue
-        if os.path.exists(out) and not overwrite:
-            verdict, reason = store.check_output(out, metadata, hidden_size)
+    wanted = settings.metadata()
+    if sharded:
+        stored, damaged = shards.read_shards(out_dir)
+        for path, reason in damaged:
+            try:
+                aside = shards.set_aside(path)
+            except FileNotFoundError:  # another rank set it aside first
+                aside = path[: -len(".safetensors")] + ".damaged"
+            result.redone.append(f"{reason} (set aside as {os.path.basename(aside)}; its clips are redone)")
+    else:
+        stored = store.existing_outputs(out_dir)
+    for clip in clips:
+        out = None if sharded else store.output_path(out_dir, clip.name)
+        if clip.name in stored and not overwrite:
+            try:
+                expected = {**wanted, **store.source_metadata(clip.path)}
+            except OSError as error:
+                result.failed.append((clip.path, f"{clip.path}: cannot read: {error.strerror}"))
+                continue
+            if sharded:
+                entry = stored[clip.name]
+                where = f"{entry.shard} [{clip.name}]"
+                verdict, reason = store.check_metadata(entry.metadata, expected, hidden_size, entry.shape, entry.dtype)
+                metadata, output, key = entry.metadata, entry.shard, clip.name
+            else:
+                where = out
+                verdict, reason, metadata = store.check_output(out, expected, hidden_size)
+                output, key = out, None
             if verdict == "done":
                 result.skipped += 1
+                result.rows.append(store.manifest_row(clip.path, os.path.relpath(output, out_dir),
+                                                      int(metadata["num_samples"]), key))
                 continue
-            (result.conflicts if verdict == "conflict" else result.redone).append(f"{out}: {reason}")
-        try:
-            info = audio.audio_info(path)
-        except audio.AudioError as error:
-            result.failed.append((path, str(error)))
+            (result.conflicts if verdict == "conflict" else result.redone).append(f"{where}: {reason}")
+        if clip.seconds is not None:
+            result.todo.append(Task(clip.path, clip.name, out, clip.seconds, clip.rate, claimed=True))
             continue
-        result.todo.append(Task(path, out, info.seconds, info.sample_rate, metadata))
+        try:
+            info = audio.audio_info(clip.path)
+        except audio.AudioError as error:
+            result.failed.append((clip.path, str(error)))
+            continue
+        result.todo.append(Task(clip.path, clip.name, out, info.seconds, info.sample_rate))
     return result
 
 
-def plan_batches(tasks, batch_seconds):
+@dataclass(frozen=True)
+class Batch:
+    number: int
+    tasks: list
+    closes_shard: bool = False  # its writes complete a shard (the shard layout)
+
+
+def by_length(tasks, batch_seconds):
     """Tasks sorted by length, grouped so that (longest clip in the batch) × (batch size) ≤ batch_seconds."""
     batches, current = [], []
     for task in sorted(tasks, key=lambda task: task.seconds):
@@ -79,85 +138,357 @@ def plan_batches(tasks, batch_seconds):
     return batches
 
 
-class Encoder:
-    """Features and model: a batch of waves → each clip's hidden states of ``layer``, its own frames only."""
+def plan_batches(tasks, batch_seconds, shard_size=None):
+    """[Batch]: per clip, every task batched by length; sharded, ``shard_size`` tasks at a time (in input order),
+    each group batched by length, its last batch closing its shard (so a shard is written as soon as it is done,
+    and at most a shard's hidden states wait in memory)."""
+    groups = [tasks] if shard_size is None else [tasks[i:i + shard_size] for i in range(0, len(tasks), shard_size)]
+    batches = []
+    for group in groups:
+        grouped = by_length(group, batch_seconds)
+        for i, tasks_of_batch in enumerate(grouped):
+            batches.append(Batch(len(batches) + 1, tasks_of_batch,
+                                 closes_shard=shard_size is not None and i == len(grouped) - 1))
+    return batches
 
-    def __init__(self, extractor, model, layer, device, dtype):
+
+class Timings:
+    """Seconds spent per stage, summed over threads (a stage in a pool may add up to more than the wall time)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.seconds = {}
+
+    def add(self, stage, seconds):
+        with self.lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class Encoder:
+    """Features and model: a batch of waves → (B, T, hidden) hidden states of ``layer`` in ``save_dtype`` and a
+    (B,) flag per clip, True where its frames are all finite — both still on the device, nothing waited for."""
+
+    def __init__(self, extractor, model, layer, device, dtype, save_dtype=None, timings=None):
         self.extractor, self.model, self.layer, self.device, self.dtype = extractor, model, layer, device, dtype
+        self.save_dtype = save_dtype or dtype
+        self.timings = timings or Timings()
+        # FbankExtractor builds small index tensors from host lists (a stream sync each): on their own stream they
+        # wait for the last batch's features, not for its model
+        self.feature_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def features(self, waves):
+        if self.feature_stream is None:
+            return self.extractor(waves, sampling_rate=SAMPLE_RATE, device=self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.feature_stream):
+            batch = self.extractor(waves, sampling_rate=SAMPLE_RATE, device=self.device)
+        main.wait_stream(self.feature_stream)
+        for tensor in batch.values():
+            tensor.record_stream(main)
+        return batch
 
     def __call__(self, waves):
-        features = self.extractor(waves, sampling_rate=SAMPLE_RATE, device=self.device)
-        lengths = features["attention_mask"].sum(dim=1).tolist()
+        start = time.perf_counter()
+        batch = self.features(waves)
+        features, mask = batch["input_features"], batch["attention_mask"]
+        middle = time.perf_counter()
         with torch.inference_mode():
-            out = self.model(features["input_features"].to(self.dtype), attention_mask=features["attention_mask"],
-                             output_hidden_states=True)
-        hidden = out.hidden_states[self.layer]
-        return [hidden[i, : int(length)] for i, length in enumerate(lengths)]
+            hidden = self.model(features.to(self.dtype), attention_mask=mask, output_layer=self.layer)
+            hidden = hidden.last_hidden_state.to(self.save_dtype)
+            bad_frames = ~torch.isfinite(hidden).all(dim=-1) & mask.bool()
+            finite = ~bad_frames.any(dim=1)
+        self.timings.add("features", middle - start)
+        self.timings.add("model", time.perf_counter() - middle)
+        return hidden, finite
+
+
+@dataclass
+class Decoded:
+    """One clip after the decode stage: its samples at 16 kHz and its source's metadata, or why it failed."""
+
+    task: Task
+    wave: Optional[torch.Tensor] = None
+    source: Optional[dict] = None  # source real path, size, mtime, sample rate
+    error: Optional[str] = None
+
+
+@dataclass
+class Part:
+    """Clips encoded together (a batch, or one clip when its batch raised): their hidden states and finiteness
+    flags on the host, valid once ``ready`` (a CUDA event; None: already) has happened."""
+
+    clips: list  # [Decoded]
+    hidden: torch.Tensor
+    finite: torch.Tensor
+    ready: Optional[object] = None
+
+
+class Inline:
+    """An executor that runs each call when it is submitted: the serial mode (``workers=0``) of the same loop."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as error:  # noqa: BLE001 - handed to whoever takes the result, as a pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+class ClipLayout:
+    """One file per clip: a batch's clips are written as they come, their folders fsynced once per batch."""
+
+    name = "clips"
+
+    def __init__(self, out_dir, tag):
+        self.out_dir, self.tag = out_dir, tag
+
+    def store(self, items, run_metadata):
+        """Write ``items`` ([(Decoded, hidden)]); their manifest rows."""
+        rows, folders = [], set()
+        for clip, hidden in items:
+            task, samples = clip.task, clip.wave.shape[0]
+            metadata = store.clip_metadata({**run_metadata["settings"], **clip.source}, samples,
+                                           clip.source["source_sample_rate"], run_metadata["run"])
+            store.write_clip(task.out, hidden, metadata, f"{task.out}.{self.tag}.partial")
+            folders.add(os.path.dirname(task.out))
+            rows.append(store.manifest_row(task.path, os.path.relpath(task.out, self.out_dir), samples))
+        for folder in sorted(folders):
+            store.fsync_folder(folder)
+        return rows
+
+
+class ShardLayout:
+    """Shards: a batch's clips are kept (copied out of the batch's buffer) until their shard is complete."""
+
+    name = "shards"
+
+    def __init__(self, out_dir, tag, rank):
+        self.out_dir, self.tag = out_dir, tag
+        self.names = shards.ShardNames(out_dir, rank, tag)
+
+    def store(self, items, run_metadata):
+        return [(clip, hidden.clone()) for clip, hidden in items]
+
+    def write(self, items, run_metadata):
+        """One shard of ``items`` ([(Decoded, hidden)]); their manifest rows."""
+        path = self.names.next()
+        clips = [(clip.task.name, hidden, {**clip.source, "num_samples": str(clip.wave.shape[0])})
+                 for clip, hidden in items]
+        shards.write_shard(path, clips, run_metadata["settings"], run_metadata["run"], self.tag)
+        output = os.path.relpath(path, self.out_dir)
+        return [store.manifest_row(clip.task.path, output, clip.wave.shape[0], clip.task.name) for clip, _ in items]
+
+    def close(self):
+        store.fsync_folder(shards.shard_folder(self.out_dir))
 
 
 class Pipeline:
-    """The batch loop. ``job`` counts progress (see ranks.Job); ``run_metadata`` (model description, package
-    version) goes into every output."""
+    """The stages above. ``job`` counts progress (see ranks.Job); ``run_metadata``: {"settings": the settings'
+    metadata, "run": model description and package version}, recorded with every clip."""
 
-    def __init__(self, encoder, job, run_metadata, downmix=False, resample=False):
-        self.encoder, self.job, self.run_metadata = encoder, job, run_metadata
-        self.downmix, self.resample = downmix, resample
+    def __init__(self, encoder, layout, job, run_metadata, downmix=False, resample=False, workers=4):
+        self.encoder, self.layout, self.job, self.run_metadata = encoder, layout, job, run_metadata
+        self.downmix, self.resample, self.workers = downmix, resample, workers
+        self.timings = encoder.timings
+        self.pin = encoder.device.type == "cuda"
 
-    def run(self, tasks, batch_seconds, quiet=False, failed_before=0):
-        """(clips written, [(path, message)] of the clips that failed). ``failed_before``: failures of this rank
-        found before the loop, counted in the progress line."""
-        batches = plan_batches(tasks, batch_seconds)
-        self.job.start_progress(len(batches), len(tasks), sum(task.seconds for task in tasks), quiet=quiet)
-        done, audio_done, failures = 0, 0.0, []
-        for number, batch in enumerate(batches, 1):
-            ready, waves, bad = self.decode(batch)
-            if ready:
-                bad += self.encode_and_write_isolated(ready, waves)
-            failures += [(task.path, message) for task, message in bad]
-            written = [task for task in ready if all(task is not failed for failed, _ in bad)]
-            done += len(written)
-            audio_done += sum(task.seconds for task in written)
-            self.job.update(number, done, audio_done, failed_before + len(failures))
-        return done, failures
-
-    def decode(self, batch):
-        """(tasks decoded, their waves at 16 kHz, [(task, message)] for those that failed to decode or the check)."""
-        ready, waves, bad = [], [], []
-        for task in batch:
-            try:
-                wave, _ = audio.read_audio(task.path, SAMPLE_RATE, downmix=self.downmix, resample=self.resample)
-                waves.append(check_clip(wave, task.path))
-            except ValueError as error:  # AudioError is one
-                bad.append((task, str(error)))
-                continue
-            ready.append(task)
-        return ready, waves, bad
-
-    def encode_and_write(self, batch, waves):
-        """[(task, message)] for the clips whose hidden states came out NaN/Inf (not written); the rest written."""
-        hint = "; try --dtype bfloat16 or float32" if self.encoder.dtype == torch.float16 else ""
-        bad = []
-        for task, wave, hidden in zip(batch, waves, self.encoder(waves)):
-            if not bool(torch.isfinite(hidden).all()):
-                bad.append((task, f"{task.path}: its hidden states came out NaN or Inf (not written){hint}"))
-                continue
-            self.write(task, hidden, len(wave))
-        return bad
-
-    def write(self, task, hidden_states, num_samples):
-        store.write_clip(task.out, hidden_states, task.metadata, num_samples, task.rate, self.run_metadata)
-
-    def encode_and_write_isolated(self, batch, waves):
-        """encode_and_write; if the batch as a whole raises, each clip alone, so only the clips at fault fail."""
+    # --------------------------------------------------------------------------------------------- stages
+    def decode(self, task) -> Decoded:
+        """A clip read and checked; any failure (an unreadable file, a failed resampling, even out of memory) is
+        this clip's alone."""
+        start = time.perf_counter()
         try:
-            return self.encode_and_write(batch, waves)
-        except (ValueError, RuntimeError) as batch_error:
-            if len(batch) == 1:
-                return [(batch[0], f"{batch[0].path}: {batch_error}")]
-        bad = []
-        for task, wave in zip(batch, waves):
             try:
-                bad += self.encode_and_write([task], [wave])
+                source = store.source_metadata(task.path)  # the version about to be read
+            except FileNotFoundError:
+                return Decoded(task, error=f"{task.path}: no such file (removed while the run goes?)")
+            except OSError as error:
+                return Decoded(task, error=f"{task.path}: cannot read: {error.strerror}")
+            samples, rate = audio.read_clip(task.path, SAMPLE_RATE, downmix=self.downmix, resample=self.resample)
+            claim = task.claimed and self.claim_mismatch(task, samples.shape[0], rate)
+            if claim:
+                return Decoded(task, error=claim)
+            wave = check_clip(samples, task.path)
+            return Decoded(task, wave.pin_memory() if self.pin else wave, {**source, "source_sample_rate": str(rate)})
+        except ValueError as error:  # AudioError is one, and the clip check's
+            return Decoded(task, error=str(error))
+        except MemoryError:
+            return Decoded(task, error=f"{task.path}: out of memory while decoding it")
+        except Exception as error:  # noqa: BLE001 - a decoder's own fault is still one clip's
+            return Decoded(task, error=f"{task.path}: cannot decode ({type(error).__name__}: {error})")
+        finally:
+            self.timings.add("decode", time.perf_counter() - start)
+
+    @staticmethod
+    def claim_mismatch(task, samples, rate) -> Optional[str]:
+        """Why a manifest's duration or rate does not fit the decoded clip (None: it does). A duration is taken
+        as right within 2 % or 0.1 s: manifests round them."""
+        if task.rate is not None and task.rate != rate:
+            return f"{task.path}: sample rate {rate} Hz, its manifest line says {task.rate} Hz (fix the manifest)"
+        seconds = samples / SAMPLE_RATE
+        if abs(seconds - task.seconds) > max(0.1, 0.02 * task.seconds):
+            return (f"{task.path}: holds {seconds:.3f} s of audio, its manifest line says {task.seconds:g} s (fix "
+                    f"the manifest: batches are sized from it)")
+        return None
+
+    def encode(self, decoded):
+        """([Part], [(task, message)]): the batch's decoded clips through the encoder; if the batch as a whole
+        raises, each clip alone, so only the clips at fault fail."""
+        clips = [clip for clip in decoded if clip.error is None]
+        if not clips:
+            return [], []
+        try:
+            return [self.encode_part(clips)], []
+        except (ValueError, RuntimeError) as batch_error:
+            if len(clips) == 1:
+                return [], [(clips[0].task, f"{clips[0].task.path}: {batch_error}")]
+        parts, bad = [], []
+        for clip in clips:
+            try:
+                parts.append(self.encode_part([clip]))
             except (ValueError, RuntimeError) as error:
-                bad.append((task, f"{task.path}: {error}"))
-        return bad
+                bad.append((clip.task, f"{clip.task.path}: {error}"))
+        return parts, bad
+
+    def encode_part(self, clips) -> Part:
+        hidden, finite = self.encoder([clip.wave for clip in clips])
+        if hidden.device.type != "cuda":
+            return Part(clips, hidden, finite)
+        start = time.perf_counter()
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        host.copy_(hidden, non_blocking=True)
+        flags = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        flags.copy_(finite, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.timings.add("copy", time.perf_counter() - start)
+        return Part(clips, host, flags, ready)
+
+    def finish(self, parts):
+        """(what the layout keeps or wrote, [(task, message)] for the NaN/Inf clips): in a writer thread."""
+        start = time.perf_counter()
+        hint = "; try --dtype bfloat16 or float32" if torch.float16 in (self.encoder.dtype, self.encoder.save_dtype) \
+            else ""
+        items, bad = [], []
+        for part in parts:
+            if part.ready is not None:
+                part.ready.synchronize()  # the batch's one host sync
+            for clip, finite, hidden in zip(part.clips, part.finite.tolist(), part.hidden):
+                if not finite:
+                    bad.append((clip.task, f"{clip.task.path}: its hidden states came out NaN or Inf (not written)"
+                                           f"{hint}"))
+                    continue
+                items.append((clip, hidden[: store.hidden_frames(clip.wave.shape[0])]))
+        kept = self.layout.store(items, self.run_metadata)
+        self.timings.add("write", time.perf_counter() - start)
+        return kept, bad
+
+    def write_shard(self, items):
+        start = time.perf_counter()
+        rows = self.layout.write(items, self.run_metadata)
+        self.timings.add("write", time.perf_counter() - start)
+        return rows
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self, batches, quiet=False, failed_before=0):
+        """(clips written, [(path, message)] of the clips that failed, manifest rows of the clips written).
+        ``failed_before``: failures of this rank found before the loop, counted in the progress line."""
+        tasks = [task for batch in batches for task in batch.tasks]
+        self.count = Count(len(tasks), sum(task.seconds for task in tasks), failed_before)
+        self.job.start_progress(len(batches), len(tasks), self.count.seconds, quiet=quiet)
+        serial = self.workers == 0
+        decoders = Inline() if serial else ThreadPoolExecutor(self.workers, "w2vbert_fast decode")
+        writers = Inline() if serial else ThreadPoolExecutor(min(self.workers, MAX_WRITERS), "w2vbert_fast write")
+        self.failures, self.rows, self.shard = [], [], []
+        ahead, behind, shard_writes = deque(), deque(), deque()
+        self.batches, self.shard_writes = len(batches), shard_writes
+        pending = iter(batches)
+
+        def decode_ahead():
+            while len(ahead) < PREFETCH:
+                batch = next(pending, None)
+                if batch is None:
+                    return
+                ahead.append((batch, [decoders.submit(self.decode, task) for task in batch.tasks]))
+
+        try:
+            decode_ahead()
+            while ahead:
+                batch, futures = ahead.popleft()
+                decode_ahead()
+                decoded = self.wait("wait_decode", lambda: [future.result() for future in futures])
+                parts, bad = self.encode(decoded)
+                failed = [(clip.task, clip.error) for clip in decoded if clip.error is not None] + bad
+                behind.append((batch, failed, writers.submit(self.finish, parts)))
+                while behind and (len(behind) > IN_FLIGHT or behind[0][2].done()):
+                    self.harvest(*behind.popleft(), writers, shard_writes)
+                while shard_writes and shard_writes[0][1].done():
+                    self.harvest_shard(*shard_writes.popleft())
+            while behind:
+                self.harvest(*behind.popleft(), writers, shard_writes)
+            while shard_writes:
+                self.harvest_shard(*shard_writes.popleft())
+        finally:
+            decoders.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True)  # writes in flight finish whole, even when the run stops
+            if isinstance(self.layout, ShardLayout):
+                self.layout.close()
+        return self.count.written, self.failures, self.rows
+
+    def wait(self, stage, get):
+        start = time.perf_counter()
+        try:
+            return get()
+        finally:
+            self.timings.add(stage, time.perf_counter() - start)
+
+    def harvest(self, batch, failed, future, writers, shard_writes):
+        """A batch's writes are done (or kept for its shard): count them, list its failures, close its shard."""
+        kept, bad = self.wait("wait_write", future.result)
+        failed = failed + bad
+        self.failures += [(task.path, message) for task, message in failed]
+        self.count.fail(failed)
+        if isinstance(self.layout, ShardLayout):
+            self.shard += kept
+            if batch.closes_shard and self.shard:
+                shard_writes.append((self.shard, writers.submit(self.write_shard, self.shard)))
+                self.shard = []
+        else:
+            self.rows += kept
+            self.count.wrote([task for task in batch.tasks if all(task is not bad_task for bad_task, _ in failed)])
+        self.count.batches_done += 1
+        self.show()
+
+    def harvest_shard(self, items, future):
+        """A shard is written: its clips count as written."""
+        self.rows += self.wait("wait_write", future.result)
+        self.count.wrote([clip.task for clip, _ in items])
+        self.show()
+
+    def show(self):
+        count = self.count
+        final = count.batches_done == self.batches and not self.shard and not self.shard_writes
+        self.job.update(count.batches_done, count.written, count.seconds_done, count.failed, clips=count.clips,
+                        seconds=count.seconds, final=final)
+
+
+class Count:
+    """The loop's counters: clips and audio seconds written, and the totals still to do — a clip that fails leaves
+    the totals, so a finished run reads N/N clips with its failures beside them."""
+
+    def __init__(self, clips, seconds, failed):
+        self.clips, self.seconds, self.failed = clips, seconds, failed
+        self.written, self.seconds_done, self.batches_done = 0, 0.0, 0
+
+    def fail(self, failed):
+        self.failed += len(failed)
+        self.clips -= len(failed)
+        self.seconds = max(self.seconds - sum(task.seconds for task, _ in failed), 0.0)
+
+    def wrote(self, tasks):
+        self.written += len(tasks)
+        self.seconds_done += sum(task.seconds for task in tasks)

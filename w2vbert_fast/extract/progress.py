@@ -41,10 +41,13 @@ class Tally:
             self.current = Snapshot(batches=batches, clips=clips, seconds=seconds)
             self.started = self.clock()
 
-    def update(self, batches_done, clips_done, seconds_done, failed) -> Snapshot:
+    def update(self, batches_done, clips_done, seconds_done, failed, clips=None, seconds=None) -> Snapshot:
+        """``clips`` and ``seconds``: the totals now, when they changed (failed clips leave them)."""
         with self.lock:
+            totals = {key: value for key, value in (("clips", clips), ("seconds", seconds)) if value is not None}
             self.current = replace(self.current, batches_done=batches_done, clips_done=clips_done,
-                                   seconds_done=seconds_done, failed=failed, elapsed=self.clock() - self.started)
+                                   seconds_done=seconds_done, failed=failed, elapsed=self.clock() - self.started,
+                                   **totals)
             return self.current
 
     def snapshot(self) -> Snapshot:

@@ -123,7 +123,7 @@ def split(membership, clips, failures):
     rank, world_size = membership.rank, membership.world_size
     paths = [clip.path for clip in clips]
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
-    mine = {i: inputs.seconds_or_zero(paths[i]) for i in range(rank, len(paths), world_size)}
+    mine = {i: inputs.seconds_or_zero(clips[i]) for i in range(rank, len(paths), world_size)}
     gathered = [None] * world_size
     dist.all_gather_object(gathered, (digest, mine))
     if any(other != digest for other, _ in gathered):
@@ -254,19 +254,18 @@ def gather_manifest(membership, rows, failures):
     return gathered
 
 
-def write_manifest(out_dir, world_size, gathered):
+def write_manifest(out_dir, world_size, gathered, layout="clips"):
     """OUT/manifest.json from every rank's (rows, failed), both lists sorted by clip, outputs relative to OUT;
-    written to a partial file and renamed, so a reader never sees half of one."""
+    written to a partial file of this process's own and renamed, so a reader never sees half of one."""
     rows = sorted((row for part, _ in gathered for row in part), key=lambda row: row["clip"])
     failed = sorted((row for _, part in gathered for row in part), key=lambda row: row["clip"])
-    for row in rows:
-        row["output"] = os.path.relpath(row["output"], out_dir)
-    manifest = dict(world_size=world_size, clips=rows, failed=failed)
+    manifest = dict(world_size=world_size, layout=layout, clips=rows, failed=failed)
     path = os.path.join(out_dir, MANIFEST)
     os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".partial", "w", encoding="utf-8") as f:
+    partial = f"{path}.{store.run_tag()}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(path + ".partial", path)
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------------------------------------- exit status
@@ -315,17 +314,22 @@ class Job:
             if self.heartbeat is not None:
                 self.heartbeat.show_progress(self.display.show)
 
-    def update(self, batches_done, clips_done, seconds_done, failed):
-        """After each batch."""
-        snapshot = self.tally.update(batches_done, clips_done, seconds_done, failed)
+    def update(self, batches_done, clips_done, seconds_done, failed, clips=None, seconds=None, final=None):
+        """After each batch; ``clips`` and ``seconds``: the totals, less the clips that failed; ``final``: the
+        last update (default: when every batch is done)."""
+        snapshot = self.tally.update(batches_done, clips_done, seconds_done, failed, clips=clips, seconds=seconds)
         if self.heartbeat is None and self.display is not None:
-            self.display.show([snapshot], final=batches_done == snapshot.batches)
+            self.display.show([snapshot], final=batches_done == snapshot.batches if final is None else final)
 
-    def finish(self, failures, out_dir) -> int:
-        """The exit status. One process: 1 if any clip failed, else 0. Under torchrun: waits for every rank, then
-        rank 0 writes OUT/manifest.json and returns 1 if any clip of the job failed (on any rank), the other ranks
-        0; if a rank was lost, every rank still running returns 1 (and no manifest is written)."""
+    def finish(self, failures, out_dir, rows=None, layout="clips") -> int:
+        """Writes OUT/manifest.json (``rows``: this rank's clips whose outputs exist; None: no manifest) and
+        returns the exit status. One process: 1 if any clip failed, else 0. Under torchrun: waits for every rank,
+        then rank 0 writes the manifest of the whole job and returns 1 if any clip of the job failed (on any rank),
+        the other ranks 0; if a rank was lost, every rank still running returns 1 (and no manifest is written)."""
         if not self.distributed:
+            if rows is not None:
+                failed = [dict(clip=path, error=message) for path, message in failures]
+                write_manifest(out_dir, 1, [(rows, failed)], layout)
             return 1 if failures else 0
         import torch.distributed as dist
 
@@ -338,11 +342,9 @@ class Job:
             except Exception:  # noqa: BLE001 - the group may be broken by the lost rank; exiting anyway
                 pass
             return 1
-        outputs = ((clip.path, store.output_path(out_dir, clip.name)) for clip in self.clips)
-        rows = [store.manifest_row(path, out) for path, out in outputs if os.path.exists(out)]
-        gathered = gather_manifest(self.membership, rows, failures)
+        gathered = gather_manifest(self.membership, rows or [], failures)
         if self.rank == 0:
-            write_manifest(out_dir, self.world_size, gathered)
+            write_manifest(out_dir, self.world_size, gathered, layout)
         count = torch.tensor([len(failures)], dtype=torch.int64)
         dist.all_reduce(count)  # also the barrier: nobody exits (and torchrun stops nobody) before the manifest
         dist.destroy_process_group()

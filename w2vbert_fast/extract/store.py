@@ -1,23 +1,28 @@
 """Where ``extract`` puts each clip's output, how it writes it, and whether one already on disk can be trusted on
-a rerun.
+a rerun. Two layouts: one file per clip (here) and shards of many clips (``shards.py``); both record the same
+metadata per clip and are read back by ``reader.load_features``.
 
-Layout: ``OUT/<name>.safetensors`` per clip (``<name>``: the clip's path below the folder it was found in, without
-its extension), a tensor ``hidden_states`` (frames, hidden) and metadata: what it was computed with (layer, dtype,
-model identity, source path), which version of the source it read (size, mtime), and the clip's sample counts.
+Per clip: ``OUT/<name>.safetensors`` (``<name>``: the clip's path below the folder it was found in, without its
+extension), a tensor ``hidden_states`` (frames, hidden) and metadata: what it was computed with (layer, dtype, the
+dtype it is stored in, model identity, source real path), which version of the source it read (size, mtime), and
+the clip's sample counts.
 
-A file is written whole or not at all: bytes to ``NAME.partial``, fsync, rename, fsync of the folder, so neither a
-crash nor a power cut leaves a file that a rerun would take for done. It gets the mode the umask allows, like any
-file the user's programs create.
+A file is written whole or not at all: bytes to ``NAME.<run>.partial`` (a name of this run's own, so two runs into
+one folder never write the same partial file), fsync, rename; the folder is fsynced once per batch, not per file
+(a rename lost to a power cut just means the clip is redone). So neither a crash nor a power cut leaves a file
+that a rerun would take for done. It gets the mode the umask allows, like any file the user's programs create.
 
 On a rerun an existing output counts as done only if it loads, its tensor is finite with the shape its metadata
 implies, and its metadata matches this run: :func:`check_output` says "done", "redo" (damaged, written by an
 older version without the fields checked here, or its source file changed since) or "conflict" (written with
-another layer, model or dtype, or from another source file: valid data that this run would replace).
+another layer, model, dtype or stored dtype, or from another source file: valid data that this run would replace).
 """
 
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -28,15 +33,37 @@ from .errors import ExtractError
 SETTINGS = ("layer", "dtype", "model_config_sha256", "model_weights", "source")
 # metadata that says which version of the source file was read: another value means the output is out of date
 SOURCE_VERSION = ("source_size", "source_mtime_ns")
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_FOLDER = "shards"
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What this run computes with, as its outputs record it: the layer, the dtype, the model's identity."""
+    """What this run computes with, as its outputs record it: the layer, the dtype, the model's identity, and the
+    dtype the hidden states are stored in (None: the dtype they are computed in)."""
 
     layer: int
     dtype: torch.dtype
     model_identity: dict  # {"model_config_sha256": …, "model_weights": …}
+    save_dtype: Optional[torch.dtype] = None
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return self.save_dtype or self.dtype
+
+    def metadata(self) -> dict:
+        """The metadata every output of this run carries for its settings (the source's is per clip)."""
+        return {"layer": str(self.layer), "dtype": dtype_name(self.dtype), "save_dtype": dtype_name(self.stored_dtype),
+                **self.model_identity}
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype)[6:]
+
+
+def run_tag() -> str:
+    """A name part of this run's own: its partial files and shards never collide with another run's."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def output_path(out_dir, name) -> str:
@@ -55,67 +82,100 @@ def check_output_folder(folder):
                            f"it writable") from None
 
 
+def existing_outputs(out_dir) -> set:
+    """The names of the per-clip outputs in ``out_dir``: one listing of the folder, not a stat per clip."""
+    names = set()
+    for root, dirs, files in os.walk(out_dir):
+        if root == out_dir and SHARD_FOLDER in dirs:
+            dirs.remove(SHARD_FOLDER)
+        for file in files:
+            if file.endswith(".safetensors"):
+                names.add(os.path.relpath(os.path.join(root, file), out_dir)[: -len(".safetensors")])
+    return names
+
+
+def source_metadata(path) -> dict:
+    """The source's real path and version (size, mtime); an OSError if it cannot be stat'ed."""
+    source = os.stat(path)
+    return {"source": os.path.realpath(path), "source_size": str(source.st_size),
+            "source_mtime_ns": str(source.st_mtime_ns)}
+
+
 def expected_metadata(path, settings: Settings) -> dict:
     """The metadata an output of ``path`` computed now carries (every key of SETTINGS and SOURCE_VERSION); an
     OSError if the source cannot be stat'ed."""
-    source = os.stat(path)
-    return {"layer": str(settings.layer), "dtype": str(settings.dtype)[6:], "source": os.path.abspath(path),
-            "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns),
-            **settings.model_identity}
+    return {**settings.metadata(), **source_metadata(path)}
 
 
-def write_clip(out, hidden_states, metadata, num_samples, source_rate, run_metadata):
-    """One clip's output, with its sample counts and ``run_metadata`` (model description, package version)
-    added to ``metadata``. A write that fails (a full or read-only disk) would fail every clip after it: an
+def clip_metadata(metadata, num_samples, source_rate, run_metadata) -> dict:
+    """An output's whole metadata: its settings and source's, its sample counts, the run's (model, version)."""
+    return {**metadata, "sample_rate": str(SAMPLE_RATE), "source_sample_rate": str(source_rate),
+            "num_samples": str(num_samples), **run_metadata}
+
+
+def write_clip(out, hidden_states, metadata, partial):
+    """One clip's output, through ``partial`` (this run's own name); the folder is not fsynced (the caller does it
+    once per batch). A write that fails (a full or read-only disk) would fail every clip after it: an
     ExtractError stops the run there."""
     try:
-        save_hidden_states(out, hidden_states, {
-            **metadata, "sample_rate": str(SAMPLE_RATE), "source_sample_rate": str(source_rate),
-            "num_samples": str(num_samples), **run_metadata,
-        })
+        save_hidden_states(out, hidden_states, metadata, partial=partial, sync_folder=False)
     except OSError as error:
         raise ExtractError(f"cannot write {out} ({error.strerror}); outputs written so far are complete and a rerun "
                            f"resumes after them") from None
 
 
-def save_hidden_states(path, hidden_states, metadata):
+def save_hidden_states(path, hidden_states, metadata, partial=None, sync_folder=True):
+    """``{"hidden_states": …}`` with ``metadata`` to ``path``, atomically: to ``partial`` (default
+    ``path.partial``), fsync, rename, and the folder fsynced unless ``sync_folder`` is False."""
     from safetensors.torch import save
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data = save({"hidden_states": hidden_states.contiguous().cpu()}, metadata=metadata)
-    partial = path + ".partial"
+    write_atomically(path, save({"hidden_states": hidden_states.contiguous().cpu()}, metadata=metadata),
+                     partial or path + ".partial")
+    if sync_folder:
+        fsync_folder(os.path.dirname(path) or ".")
+
+
+def write_atomically(path, data, partial):
+    """``data`` (bytes) to ``partial``, fsync, rename to ``path``: a crash never leaves a file a rerun would skip."""
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0o666 & ~umask, as open() would
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.replace(partial, path)  # a crash never leaves a file that a rerun would skip
-    try:  # the rename itself survives a power cut; some file systems cannot fsync a folder, and the file is whole
-        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         try:
-            os.fsync(folder)
+            os.remove(partial)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(partial, path)
+
+
+def fsync_folder(folder):
+    """Make the renames in ``folder`` survive a power cut; some file systems cannot fsync a folder, and the files
+    are whole either way."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
-            os.close(folder)
+            os.close(fd)
     except OSError:
         pass
 
 
-def manifest_row(path, out) -> dict:
-    """{clip, output, frames, seconds} of the output ``out`` of clip ``path``, read from its safetensors header (no
-    tensor data)."""
-    from safetensors import safe_open
-
-    with safe_open(out, framework="pt") as f:
-        frames = f.get_slice("hidden_states").get_shape()[0]
-        metadata = f.metadata() or {}
-    try:
-        seconds = int(metadata["num_samples"]) / int(metadata["sample_rate"])
-    except (KeyError, ValueError):
-        seconds = None  # written by a version that did not record it
-    return dict(clip=path, output=out, frames=frames, seconds=seconds)
+def manifest_row(path, output, num_samples, key=None) -> dict:
+    """{clip, output, [key,] frames, seconds} of clip ``path`` stored in ``output`` (relative to OUT; ``key``: its
+    tensor in a shard)."""
+    row = dict(clip=path, output=output)
+    if key is not None:
+        row["key"] = key
+    row.update(frames=hidden_frames(num_samples), seconds=num_samples / SAMPLE_RATE)
+    return row
 
 
 def hidden_frames(num_samples: int) -> int:
@@ -123,25 +183,22 @@ def hidden_frames(num_samples: int) -> int:
     return int(num_frames(num_samples)) // 2
 
 
-def check_output(path, expected: dict, hidden_size: int):
-    """("done" | "redo" | "conflict", reason) for an existing output, against the ``expected`` metadata of this
-    run (every key of SETTINGS and SOURCE_VERSION)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if "hidden_states" not in f.keys():
-                return "redo", "holds no hidden_states tensor"
-            hidden = f.get_tensor("hidden_states")
-    except (SafetensorError, OSError, RuntimeError) as error:
-        return "redo", f"unreadable ({error})"
+def check_metadata(metadata: dict, expected: dict, hidden_size: int, shape, dtype: str):
+    """("done" | "redo" | "conflict", reason) of one stored clip — its ``metadata``, its tensor's ``shape`` and
+    ``dtype`` (a name: "float32", …) — against the ``expected`` metadata of this run (every key of SETTINGS and SOURCE_VERSION, and
+    save_dtype)."""
     for key in SETTINGS:
+        if key == "model_weights" and key in metadata and not _content_identity(metadata[key]):
+            return "redo", (f"its model identity {metadata[key]!r} is the weights' size and mtime only (written by an "
+                            f"older version)")
         if key in metadata and metadata[key] != expected[key]:
             return "conflict", f"written with {key} {metadata[key]!r}, this run has {expected[key]!r}"
     missing = [key for key in SETTINGS + SOURCE_VERSION + ("num_samples",) if key not in metadata]
     if missing:
         return "redo", f"no {', '.join(missing)} in its metadata (written by an older version)"
+    stored = metadata.get("save_dtype", metadata["dtype"])  # older versions stored in the dtype they computed in
+    if stored != expected["save_dtype"]:
+        return "conflict", f"written with save_dtype {stored!r}, this run has {expected['save_dtype']!r}"
     for key in SOURCE_VERSION:
         if metadata[key] != expected[key]:
             return "redo", f"its source changed since ({key} {metadata[key]} then, {expected[key]} now)"
@@ -149,10 +206,45 @@ def check_output(path, expected: dict, hidden_size: int):
         frames = hidden_frames(int(metadata["num_samples"]))
     except ValueError:
         return "redo", f"num_samples {metadata['num_samples']!r} in its metadata is not a number"
-    if tuple(hidden.shape) != (frames, hidden_size):
-        return "redo", f"hidden_states of shape {list(hidden.shape)}, expected {[frames, hidden_size]}"
-    if str(hidden.dtype)[6:] != metadata["dtype"]:
-        return "redo", f"hidden_states stored as {str(hidden.dtype)[6:]}, its metadata says {metadata['dtype']}"
-    if hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
-        return "redo", "hidden_states hold NaN or Inf"
+    if tuple(shape) != (frames, hidden_size):
+        return "redo", f"hidden_states of shape {list(shape)}, expected {[frames, hidden_size]}"
+    if dtype != stored:
+        return "redo", f"hidden_states stored as {dtype}, its metadata says {stored}"
     return "done", ""
+
+
+def _content_identity(weights: str) -> bool:
+    """Whether a recorded model_weights tells models apart by content (a hash, or the seed of random weights)."""
+    return weights.startswith("random ") or all(" sha256:" in part for part in weights.split(";"))
+
+
+def check_output(path, expected: dict, hidden_size: int):
+    """("done" | "redo" | "conflict", reason, its metadata) for an existing per-clip output, against the
+    ``expected`` metadata of this run; "done" also needs its tensor finite."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if "hidden_states" not in f.keys():
+                return "redo", "holds no hidden_states tensor", metadata
+            hidden = f.get_tensor("hidden_states")
+    except (SafetensorError, OSError, RuntimeError) as error:
+        return "redo", f"unreadable ({error})", {}
+    verdict, reason = check_metadata(metadata, expected, hidden_size, hidden.shape, dtype_name(hidden.dtype))
+    if verdict == "done" and hidden.is_floating_point() and not bool(torch.isfinite(hidden).all()):
+        return "redo", "hidden_states hold NaN or Inf", metadata
+    return verdict, reason, metadata
+
+
+def check_layout(out_dir, sharded: bool):
+    """ExtractError, before any work, if ``out_dir`` holds the other layout's outputs: one folder, one layout (so
+    a reader never has to choose)."""
+    shard_dir = os.path.join(out_dir, SHARD_FOLDER)
+    has_shards = os.path.isdir(shard_dir) and any(n.endswith(".safetensors") for n in os.listdir(shard_dir))
+    if sharded and existing_outputs(out_dir):
+        raise ExtractError(f"--out {out_dir} holds one output file per clip; --shard-size writes shards: extract "
+                           f"into another --out, or leave out --shard-size to go on with that layout")
+    if not sharded and has_shards:
+        raise ExtractError(f"--out {out_dir} holds shards ({shard_dir}); without --shard-size one file per clip is "
+                           f"written: extract into another --out, or give --shard-size to go on with the shards")
