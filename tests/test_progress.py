@@ -98,3 +98,16 @@ def test_quiet_shows_nothing_and_a_non_terminal_stream_gets_plain_lines():
     assert not Display(stream, quiet=True).show(snapshot(1), final=True)
     assert stream.getvalue() == ""
     assert Display(stream).live is False  # StringIO is no terminal
+
+
+def test_tally_totals_drop_the_clips_that_failed():
+    from w2vbert_fast.extract.progress import Tally
+
+    clock = Clock()
+    tally = Tally(clock=clock)
+    tally.start(batches=2, clips=31, seconds=310.0)
+    clock.now = 5.0
+    snapshot = tally.update(2, 18, 180.0, 13, clips=18, seconds=180.0)  # 13 failed: out of the totals
+    assert (snapshot.clips_done, snapshot.clips, snapshot.failed) == (18, 18, 13)
+    assert eta_seconds([snapshot]) == 0.0 and format_line([snapshot]).startswith("[batch 2/2] 18/18 clips, ")
+    assert tally.update(2, 18, 180.0, 13).clips == 18  # totals left out: unchanged

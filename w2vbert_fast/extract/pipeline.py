@@ -5,11 +5,12 @@ Three stages, overlapped (``workers`` > 0):
 
 * decode: each clip read, downmixed, resampled and checked in a pool of ``workers`` threads (WAV parsing, numpy
   and torch release the GIL), at most ``PREFETCH`` batches ahead of the device (a bounded queue); on CUDA into
-  pinned memory, so the copies to the device are asynchronous;
-* encode (the main thread): features and model on the device, the layer asked for only (``output_layer``), cast
-  to the stored dtype, and each clip's finiteness as one (B,) flag tensor; on CUDA copied into pinned host memory
-  with ``non_blocking`` and an event recorded — the main thread never waits for the device, and goes on to the
-  next batch;
+  pinned memory, so the copies to the device are asynchronous; on a CPU, where the device is the host, each
+  clip's features are computed there too (the log-mel runs per clip either way), off the model's thread;
+* encode (the main thread): features (CUDA) and model on the device, the layer asked for only
+  (``output_layer``), cast to the stored dtype, and each clip's finiteness as one (B,) flag tensor; on CUDA copied
+  into pinned host memory with ``non_blocking`` and an event recorded — the main thread never waits for the
+  device, and goes on to the next batch;
 * write: a pool of threads waits for the batch's event (the one host sync per batch), slices each clip's frames
   (known on the host from its sample count) and writes them (``store`` per clip, ``shards``), at most
   ``IN_FLIGHT`` batches behind.
@@ -165,18 +166,39 @@ class Timings:
 
 
 class Encoder:
-    """Features and model: a batch of waves → (B, T, hidden) hidden states of ``layer`` in ``save_dtype`` and a
-    (B,) flag per clip, True where its frames are all finite — both still on the device, nothing waited for."""
+    """Features and model: a batch of clips → (B, T, hidden) hidden states of ``layer`` in ``save_dtype`` and a
+    (B,) flag per clip, True where its frames are all finite — both still on the device, nothing waited for.
+
+    On a CPU each clip's features are computed where it is decoded (:meth:`clip_features`, in the decode threads:
+    the log-mel runs per clip anyway, so the values are the batched call's) and the batch only pads them; on CUDA
+    the batch's features are computed on the device, on a stream of their own."""
 
     def __init__(self, extractor, model, layer, device, dtype, save_dtype=None, timings=None):
         self.extractor, self.model, self.layer, self.device, self.dtype = extractor, model, layer, device, dtype
         self.save_dtype = save_dtype or dtype
         self.timings = timings or Timings()
+        self.features_per_clip = device.type == "cpu"
         # FbankExtractor builds small index tensors from host lists (a stream sync each): on their own stream they
         # wait for the last batch's features, not for its model
         self.feature_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def features(self, waves):
+    def clip_features(self, wave):
+        """One clip's (rows, 160) features and (rows,) mask, on the CPU, as a batch of it alone gives them."""
+        batch = self.extractor([wave], sampling_rate=SAMPLE_RATE)
+        return batch["input_features"][0], batch["attention_mask"][0]
+
+    def padded(self, features):
+        """[(rows, 160), (rows,)] → the batch the extractor would have made of those clips: rows padded with its
+        padding value, masks with 0."""
+        rows = max(f.shape[0] for f, _ in features)
+        batch = torch.full((len(features), rows, features[0][0].shape[1]), float(self.extractor.padding_value))
+        mask = torch.zeros(len(features), rows, dtype=features[0][1].dtype)
+        for i, (f, m) in enumerate(features):
+            batch[i, : f.shape[0]] = f
+            mask[i, : m.shape[0]] = m
+        return {"input_features": batch, "attention_mask": mask}
+
+    def batch_features(self, waves):
         if self.feature_stream is None:
             return self.extractor(waves, sampling_rate=SAMPLE_RATE, device=self.device)
         main = torch.cuda.current_stream(self.device)
@@ -187,9 +209,13 @@ class Encoder:
             tensor.record_stream(main)
         return batch
 
-    def __call__(self, waves):
+    def __call__(self, clips):
+        """``clips``: [Decoded], with features (CPU) or waves (CUDA)."""
         start = time.perf_counter()
-        batch = self.features(waves)
+        if self.features_per_clip:
+            batch = self.padded([clip.features for clip in clips])
+        else:
+            batch = self.batch_features([clip.wave for clip in clips])
         features, mask = batch["input_features"], batch["attention_mask"]
         middle = time.perf_counter()
         with torch.inference_mode():
@@ -204,11 +230,14 @@ class Encoder:
 
 @dataclass
 class Decoded:
-    """One clip after the decode stage: its samples at 16 kHz and its source's metadata, or why it failed."""
+    """One clip after the decode stage: its samples at 16 kHz (or, on a CPU, its features) and its source's
+    metadata, or why it failed."""
 
     task: Task
-    wave: Optional[torch.Tensor] = None
+    samples: int = 0
     source: Optional[dict] = None  # source real path, size, mtime, sample rate
+    wave: Optional[torch.Tensor] = None
+    features: Optional[tuple] = None  # (rows, 160) features, (rows,) mask
     error: Optional[str] = None
 
 
@@ -250,7 +279,7 @@ class ClipLayout:
         """Write ``items`` ([(Decoded, hidden)]); their manifest rows."""
         rows, folders = [], set()
         for clip, hidden in items:
-            task, samples = clip.task, clip.wave.shape[0]
+            task, samples = clip.task, clip.samples
             metadata = store.clip_metadata({**run_metadata["settings"], **clip.source}, samples,
                                            clip.source["source_sample_rate"], run_metadata["run"])
             store.write_clip(task.out, hidden, metadata, f"{task.out}.{self.tag}.partial")
@@ -276,11 +305,11 @@ class ShardLayout:
     def write(self, items, run_metadata):
         """One shard of ``items`` ([(Decoded, hidden)]); their manifest rows."""
         path = self.names.next()
-        clips = [(clip.task.name, hidden, {**clip.source, "num_samples": str(clip.wave.shape[0])})
+        clips = [(clip.task.name, hidden, {**clip.source, "num_samples": str(clip.samples)})
                  for clip, hidden in items]
         shards.write_shard(path, clips, run_metadata["settings"], run_metadata["run"], self.tag)
         output = os.path.relpath(path, self.out_dir)
-        return [store.manifest_row(clip.task.path, output, clip.wave.shape[0], clip.task.name) for clip, _ in items]
+        return [store.manifest_row(clip.task.path, output, clip.samples, clip.task.name) for clip, _ in items]
 
     def close(self):
         store.fsync_folder(shards.shard_folder(self.out_dir))
@@ -313,7 +342,14 @@ class Pipeline:
             if claim:
                 return Decoded(task, error=claim)
             wave = check_clip(samples, task.path)
-            return Decoded(task, wave.pin_memory() if self.pin else wave, {**source, "source_sample_rate": str(rate)})
+            source = {**source, "source_sample_rate": str(rate)}
+            if self.encoder.features_per_clip:
+                middle = time.perf_counter()
+                features = self.encoder.clip_features(wave)
+                self.timings.add("features", time.perf_counter() - middle)
+                start += time.perf_counter() - middle  # counted as features, not decode
+                return Decoded(task, wave.shape[0], source, features=features)
+            return Decoded(task, wave.shape[0], source, wave=wave.pin_memory() if self.pin else wave)
         except ValueError as error:  # AudioError is one, and the clip check's
             return Decoded(task, error=str(error))
         except MemoryError:
@@ -355,7 +391,9 @@ class Pipeline:
         return parts, bad
 
     def encode_part(self, clips) -> Part:
-        hidden, finite = self.encoder([clip.wave for clip in clips])
+        hidden, finite = self.encoder(clips)
+        for clip in clips:  # their copies to the device are queued: the host memory can go (pinned: when done)
+            clip.wave = clip.features = None
         if hidden.device.type != "cuda":
             return Part(clips, hidden, finite)
         start = time.perf_counter()
@@ -382,7 +420,7 @@ class Pipeline:
                     bad.append((clip.task, f"{clip.task.path}: its hidden states came out NaN or Inf (not written)"
                                            f"{hint}"))
                     continue
-                items.append((clip, hidden[: store.hidden_frames(clip.wave.shape[0])]))
+                items.append((clip, hidden[: store.hidden_frames(clip.samples)]))
         kept = self.layout.store(items, self.run_metadata)
         self.timings.add("write", time.perf_counter() - start)
         return kept, bad
