@@ -252,9 +252,10 @@ def environment():
     import torch
 
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "w2vbert_fast", "benchmarks/bench_extract.py"],
-                           capture_output=True, text=True).stdout.strip()
-    return dict(commit=commit.stdout.strip() + ("+dirty" if dirty else ""), before=BEFORE[:7],
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "w2vbert_fast",
+                            "benchmarks/bench_extract.py"], capture_output=True, text=True).stdout.split("\n")
+    return dict(commit=commit.stdout.strip(), uncommitted=[line[3:] for line in dirty if line.strip()],
+                before=BEFORE[:7],
                 python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
