@@ -4,7 +4,7 @@ On a GPU the cases run at the real sizes in bf16 and each call is timed with CUD
 up, inputs rotated so the L2 does not flatter); on a CPU they run at small sizes in fp32 so anyone can exercise
 them (a smoke run, not a claim: there "ours" is the PyTorch reference). Every result's ``extra_info`` carries the
 device, torch/triton/transformers versions, the git commit, and the contender's median ms, peak memory and (when
-given) TFLOP/s and GB/s; ``benchmarks/report.py`` turns ``--benchmark-json`` output into RESULTS.md.
+given) TFLOP/s and GB/s; ``benchmarks/tools/report.py`` turns ``--benchmark-json`` output into RESULTS.md.
 
 Conventions a bench file follows so the report can read it (all keys of ``extra_info``):
 

@@ -1,5 +1,5 @@
-"""The one-call GPU campaign (benchmarks/campaign.py) as a CPU smoke test: the budget holds, a timed-out case
-keeps the results of the tests it finished, and the merged JSON is what benchmarks/report.py reads."""
+"""The one-call GPU campaign (benchmarks/tools/campaign.py) as a CPU smoke test: the budget holds, a timed-out case
+keeps the results of the tests it finished, and the merged JSON is what benchmarks/tools/report.py reads."""
 
 import importlib.util
 import json
@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(f"w2vbert_fast_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
+    path = os.path.join(REPO, "benchmarks", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"w2vbert_fast_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -137,7 +138,7 @@ def test_the_autotune_cap_keeps_each_precisions_own_first_configs():
     assert plugin.cap_autotuner(tuner, 1)
     for dot_precision, precision in (("tf32", "half"), ("tf32x3", "fp32")):
         kept = tuner.early_config_prune(tuner.configs, {}, DOT_PRECISION=dot_precision)
-        assert [attention._config_of(c) for c in kept] == tables[precision][:1]
+        assert [c.all_kwargs() for c in kept] == [c.all_kwargs() for c in tables[precision][:1]]
 
     plain = types.SimpleNamespace(configs=["a", "b", "c"], early_config_prune=None)
     assert plugin.cap_autotuner(plain, 2) and plain.configs == ["a", "b"]

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for Hopper (sm_90a) and Ampere (sm_80) with no GPU, on the triton this environment
 installs and on triton 3.6.0 (what the GPU machines run), with no spill and shared memory within the target's limit
-(benchmarks/compile_check.py; its "ci" plan).
+(benchmarks/tools/compile_check.py; its "ci" plan).
 
 Why the "ci" plan is a subset: CI has 2 cores and each compile takes 2-6 s, so the full plan (every config × dtype ×
 target × shape, several hundred compiles a triton version) is run by hand and committed as
@@ -20,11 +20,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tools"))
 import compile_check  # noqa: E402  (stdlib only at import: safe under the interpreter)
 
 TRITON36 = os.environ.get("W2VBERT_FAST_TRITON36_PYTHON", os.path.join(ROOT, ".venv-triton36", "bin", "python"))
@@ -38,7 +39,7 @@ def compiler_env():
 
 def run_check(python, tmp_path):
     out = tmp_path / "compile.json"
-    result = subprocess.run([python, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--plan", "ci",
+    result = subprocess.run([python, os.path.join(ROOT, "benchmarks", "tools", "compile_check.py"), "--plan", "ci",
                              "--out", str(out)], cwd=ROOT, env=compiler_env(), capture_output=True, text=True,
                             timeout=900)
     print(result.stdout[-20000:])
@@ -52,9 +53,9 @@ def assert_passes(returncode, document):
     assert records, "no kernel was compiled"
     assert not document["failures"], "\n".join(document["failures"])
     assert returncode == 0
-    # every kernel of the registry reached both targets, and each record carries what the check reads
+    # every kernel of every op's LAUNCH_META reached both targets, and each record carries what the check reads
     seen = {(r["kernel"], r["target"]) for r in records}
-    for key in compile_check.KERNELS:
+    for key in compile_check.launches():
         for target in compile_check.TARGETS:
             assert (key.split(":")[1], target) in seen, f"{key} was not compiled for {target}"
     for r in records:
@@ -161,3 +162,66 @@ def test_attention_fp32_dots_must_stay_on_tensor_cores():
     """Attention's fp32 dots are three tf32 products: an FMA dot there is ~15x slower and fails the check."""
     record = clean_record(dtype="float32", sass=FMA_DOT)
     assert any("without tensor-core MMA" in why for why in compile_check.failures(record))
+
+
+# --------------------------------------------------------------------------------------- the registry: LAUNCH_META
+def _fake_helper(n):
+    return n + 1
+
+
+def _fake_step(n):
+    return n * 2
+
+
+def _fake_loop(STEP, n):
+    return STEP(n)
+
+
+def _fake_kernel(x_ptr, n, BLOCK):
+    _fake_loop(_fake_step, _fake_helper(n))
+
+
+def fake_ops_module(launch_meta=None):
+    """A stand-in ops module: one kernel, a helper it calls, a loop helper and the step it hands that one by name."""
+    from triton.runtime.jit import JITFunction
+
+    module = types.ModuleType("fake_ops")
+    for fn in (_fake_helper, _fake_step, _fake_loop, _fake_kernel):
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__)
+        copy.__module__ = module.__name__
+        setattr(module, fn.__name__, JITFunction(copy))
+    if launch_meta is not None:
+        module.LAUNCH_META = launch_meta(module)
+    return module
+
+
+def fake_launch(module, args):
+    import triton
+
+    from w2vbert_fast.ops._backend import KernelLaunch
+
+    return KernelLaunch(module._fake_kernel, lambda shape, dtype: dict(args), lambda dtype: [
+        triton.Config({"BLOCK": 64}, num_warps=4)], dtypes=("float32",))
+
+
+@pytest.mark.parametrize("launch_meta, problem", [
+    (None, "fake_ops:_fake_kernel: a kernel with no entry in fake_ops's LAUNCH_META (add one)"),
+    (lambda m: {}, "fake_ops:_fake_kernel: a kernel with no entry in fake_ops's LAUNCH_META (add one)"),
+    (lambda m: {"_fake_kernel": fake_launch(m, dict(x_ptr="fp32"))}, "LAUNCH_META entry out of date: missing ['n']"),
+    (lambda m: {"_fake_kernel": fake_launch(m, dict(x_ptr="fp32", n=3, m=1))}, "unknown ['m']"),
+    (lambda m: {"_renamed_kernel": fake_launch(m, dict(x_ptr="fp32", n=3))}, "in LAUNCH_META but no such kernel"),
+    (lambda m: {"_fake_kernel": fake_launch(m, dict(x_ptr="fp32", n=3))}, None),
+    (lambda m: {"_fake_kernel": fake_launch(m, dict(x_ptr="fp32", n=3)),
+                "_fake_kernel+variant": fake_launch(m, dict(x_ptr="fp32", n=3))}, None),
+], ids=["no-launch-meta", "no-entry", "missing-argument", "unknown-argument", "renamed", "complete", "variant"])
+def test_the_registry_is_each_op_files_launch_meta(monkeypatch, launch_meta, problem):
+    """A kernel (a JIT function no other one uses: helpers called or handed on by name are not kernels) needs a
+    LAUNCH_META entry whose example arguments name exactly its parameters (with a config's meta-parameters)."""
+    module = fake_ops_module(launch_meta)
+    monkeypatch.setattr(compile_check, "_ops_modules", lambda: [module])
+    assert sorted(compile_check.discover_kernels()) == ["fake_ops:_fake_kernel"]
+    problems = compile_check.check_registry()
+    if problem is None:
+        assert problems == {}
+    else:
+        assert any(problem in why for why in problems.values()), problems

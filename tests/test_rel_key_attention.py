@@ -14,7 +14,7 @@ from model_helpers import DEVICE as MODEL_DEVICE
 from model_helpers import max_diff_on_valid, our_model_like, ragged_batch, transformers_model
 
 import w2vbert_fast
-from w2vbert_fast.ops import rel_key_attention, rel_key_attention_reference
+from w2vbert_fast.ops import _backend, rel_key_attention, rel_key_attention_reference
 from w2vbert_fast.ops.rel_key_attention import _launch
 
 kernel_module = importlib.import_module("w2vbert_fast.ops.rel_key_attention")
@@ -114,9 +114,14 @@ def test_every_output_element_is_written(zero_padded_queries):
     assert_fp32_close(out, reference_fp32(q, k, v, table, 6, 3, lengths, zero_padded_queries))
 
 
+def config_id(config):
+    """BLOCK_M-BLOCK_N-warps-stages-maxnreg of a triton.Config."""
+    return "-".join(map(str, (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+                              config.num_stages, config.maxnreg)))
+
+
 def tuned_configs(tables):
-    return [pytest.param(c, id=f"{precision}-" + "-".join(map(str, c))) for precision, table in tables.items()
-            for c in table]
+    return [pytest.param(c, id=f"{precision}-{config_id(c)}") for precision, table in tables.items() for c in table]
 
 
 @pytest.mark.parametrize("config", tuned_configs(kernel_module.FORWARD_CONFIGS))
@@ -129,28 +134,39 @@ def test_every_tuned_forward_config_gives_the_same_result(config):
     assert_fp32_close(out, reference_fp32(q, k, v, table, 64, 8, lengths))
 
 
-@pytest.mark.parametrize("tables", [kernel_module.FORWARD_CONFIGS, kernel_module.DKDV_CONFIGS,
-                                    kernel_module.DQ_CONFIGS], ids=["forward", "dkdv", "dq"])
+@pytest.mark.parametrize("tables, kernel", [(kernel_module.FORWARD_CONFIGS, "_forward_kernel"),
+                                            (kernel_module.DKDV_CONFIGS, "_backward_dkdv_kernel"),
+                                            (kernel_module.DQ_CONFIGS, "_backward_dq_kernel")],
+                         ids=["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "half"), (torch.float16, "half"),
                                               (torch.float32, "fp32")])
-def test_the_gpu_autotuner_tries_only_the_configs_checked_for_the_input_precision(tables, dtype, precision):
-    """fp32's dots hold twice the operands: the half-precision tiles would cut it to 8 resident warps per SM."""
+def test_the_gpu_autotuner_tries_only_the_configs_checked_for_the_input_precision(tables, kernel, dtype, precision):
+    """fp32's dots hold twice the operands: the half-precision tiles would cut it to 8 resident warps per SM. The
+    compile check compiles what LAUNCH_META lists for the dtype: exactly what the autotuner keeps."""
     gpu_configs = kernel_module._configs(tables, interpreted=False)
     assert len(gpu_configs) == sum(map(len, tables.values()))
     q = torch.empty(1, 8, 1, 64, dtype=dtype)
     meta = kernel_module._common_meta(q, 3, 5, None, True)
     kept = kernel_module._pruner(tables)(gpu_configs, {"q_ptr": q}, **meta)
-    assert [kernel_module._config_of(c) for c in kept] == tables[precision]
-    assert all(c.maxnreg == config[4] for c, config in zip(kept, tables[precision]))
+    assert [c.all_kwargs() for c in kept] == [c.all_kwargs() for c in tables[precision]]
+    assert all(c.maxnreg == config.maxnreg for c, config in zip(kept, tables[precision]))
+    checked = kernel_module.LAUNCH_META[kernel].configs(str(dtype).removeprefix("torch."))
+    assert [c.all_kwargs() for c in checked] == [c.all_kwargs() for c in kept]
 
 
 def test_fp64_on_a_gpu_runs_the_reference_not_an_unchecked_kernel_config(monkeypatch):
     q, k, v, table = (t.double() for t in make_inputs(1, 9, 1, 8, 3, 5))
     monkeypatch.setenv("W2VBERT_FAST_BACKEND", "auto")
-    monkeypatch.setattr(kernel_module, "use_triton", lambda *tensors: True)  # as on CUDA tensors
-    monkeypatch.setattr(kernel_module, "triton_interpreter_enabled", lambda: False)
-    assert kernel_module._implementation(q, k, v, table) == "torch"
-    assert kernel_module._implementation(q.float(), k.float(), v.float(), table.float()) == "triton"
+    monkeypatch.setattr(_backend, "use_triton", lambda *tensors: True)  # as on CUDA tensors
+    monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
+    ran = []
+    real = kernel_module._rel_key_attention_op
+    monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: ran.append(args[-1]) or real(*args))
+    out = rel_key_attention(q, k, v, table, 3, 5, 0.25)
+    assert ran == []  # the literal reference, not the op
+    assert torch.allclose(out, rel_key_attention_reference(q, k, v, table, 3, 5, 0.25))
+    rel_key_attention(q.float(), k.float(), v.float(), table.float(), 3, 5, 0.25)
+    assert ran == [_backend.TRITON]
 
 
 @pytest.mark.parametrize("length", [7, 65, 130])

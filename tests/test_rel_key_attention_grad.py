@@ -130,7 +130,11 @@ def kernel_backward(q, k, v, table, grad_out, left, right, lengths, zero_padded_
 
 
 def tuned_configs(keyword, tables):
-    return [pytest.param({keyword: c}, id=f"{keyword.split('_')[0]}-{precision}-" + "-".join(map(str, c)))
+    """Every triton.Config of ``tables``, ids BLOCK_M-BLOCK_N-warps-stages-maxnreg."""
+    def ids(c):
+        return "-".join(map(str, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)))
+
+    return [pytest.param({keyword: c}, id=f"{keyword.split('_')[0]}-{precision}-{ids(c)}")
             for precision, table in tables.items() for c in table]
 
 

@@ -20,7 +20,9 @@ so the dQ pass stores dS straight into a (B, L, H, R) fp32 slab (each element wr
 edge buckets are row sums. Then dq += scale·dT·E and dE = scale·Σ dTᵀ·q are two small matmuls. Nothing of size
 L×L exists anywhere, forward or backward.
 
-Reading order: reference → kernels → launchers → torch.library ops → dispatch.
+Reading order (every op file's): reference → kernels → configs → launcher → torch.library ops → dispatch →
+LAUNCH_META. The three kernels share their index arithmetic (@triton.jit helpers) and the band loop
+(``_band_loop``, which runs a kernel's per-block step over the three ranges).
 """
 
 from typing import Optional
@@ -29,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import backend, check_lengths, triton_interpreter_enabled, use_triton, values_checkable
+from ._backend import (REFERENCE, TRITON, KernelLaunch, check_lengths, dispatch, triton_interpreter_enabled,
+                       values_checkable)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -62,17 +65,59 @@ def rel_key_bias_reference(q, distance_embedding, left, right, scale):
 
 
 # ------------------------------------------------------------------------------------------------- kernels
-# Kinds of key block (forward, dQ pass) or query block (dK/dV pass): which part of the table the bias comes from.
+# Kinds of block of the other operand (keys in the forward and dQ pass, queries in the dK/dV pass): where its bias
+# comes from in the table.
 _BAND = tl.constexpr(0)  # straddles the band: per-element gather
 _FIRST = tl.constexpr(1)  # every pair has j - i <= -left: column 0
 _LAST = tl.constexpr(2)  # every pair has j - i >= right: column R - 1
 
 
 @triton.jit
+def _batch_and_head(heads):
+    """Axis 1 of every grid runs over batch × heads: (that index, the batch, the head)."""
+    batch_head = tl.program_id(1)
+    return batch_head, batch_head // heads, batch_head % heads
+
+
+@triton.jit
+def _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr):
+    """(keys, queries that carry a gradient) of sequence b. Keys: its length clamped to [1, length], so unchecked
+    lengths stay in bounds. Queries: the same with zero_padded_queries (the padded rows' output is the constant 0:
+    their dO reaches nothing), every row otherwise."""
+    key_length = length
+    if HAS_LENGTHS:
+        key_length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), length)
+    query_length = length
+    if ZERO_PADDED_QUERIES:
+        query_length = key_length
+    return key_length, query_length
+
+
+@triton.jit
+def _head_base(ptr, b, h, stride_b, stride_h):
+    """Where sequence b, head h of a (B, L, H, ·) tensor starts (int64: a batch's offset can pass 2³¹)."""
+    return ptr + b.to(tl.int64) * stride_b + h * stride_h
+
+
+@triton.jit
+def _head_offset(b, h, stride_b, stride_h):
+    """The same as an offset, for tensors that share strides (the table and its gradient)."""
+    return b.to(tl.int64) * stride_b + h * stride_h
+
+
+@triton.jit
+def _load_tile(base, rows, stride, row_mask, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A program's own (rows, BLOCK_D) tile, loaded once: zero outside ``row_mask`` and past HEAD_DIM."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + rows[:, None].to(tl.int64) * stride + offs_d[None, :],
+                   mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
 def _load_rows(base, rows, stride, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A (rows, BLOCK_D) tile. Callers clamp ``rows`` into the sequence instead of masking them (what a masked row
-    would contribute is zeroed downstream), and int32 offsets: both cost registers the MMA operands need. (Row ×
-    stride stays below 2³¹ up to ~700,000 frames of a fused 3 × 1024-wide projection.)"""
+    """A (rows, BLOCK_D) tile of the other operand, inside the loop. Callers clamp ``rows`` into the sequence instead
+    of masking them (what a masked row would contribute is zeroed downstream), and int32 offsets: both cost registers
+    the MMA operands need. (Row × stride stays below 2³¹ up to ~700,000 frames of a fused 3 × 1024-wide projection.)"""
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_D == HEAD_DIM:
         return tl.load(base + rows[:, None] * stride + offs_d[None, :])
@@ -80,24 +125,84 @@ def _load_rows(base, rows, stride, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def _attend_key_block(
-    acc, m_i, l_i, q, table_rows, bias_row, k_base, v_base, start_n, offs_m, key_length, stride_kl, stride_vl,
-    left, right, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One step of the online softmax over keys [start_n, start_n + BLOCK_N)."""
+def _output_tile(b, h, rows, length, heads, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(offsets, mask) of a (rows, BLOCK_D) tile of a contiguous (B, L, H, D) output (out, dq, dk, dv)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offsets = (b.to(tl.int64) * length + rows[:, None]) * (heads * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    return offsets, (rows[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _table_block(table_base, rows, length, stride_tl, NUM_DISTANCES: tl.constexpr):
+    """A query block's table rows, for the whole key loop (forward, dQ pass), and their two edge columns: the bias of
+    every key block wholly outside the band. Rows past the end read the last row's, so every gather stays in bounds
+    without a mask."""
+    table_rows = table_base + tl.minimum(rows, length - 1) * stride_tl
+    return table_rows, tl.load(table_rows), tl.load(table_rows + (NUM_DISTANCES - 1))
+
+
+@triton.jit
+def _relative_bias(table_rows, relative, edge, left, right, KIND: tl.constexpr):
+    """The bias of a tile of (query i, key j) pairs ``relative`` = j − i apart, ``table_rows`` (each pair's row of the
+    table) and ``edge`` broadcast to the tile: gathered per pair where the block straddles the band, else the block's
+    one edge column."""
+    if KIND == _BAND:
+        bias = tl.load(table_rows + (tl.minimum(tl.maximum(relative, -left), right) + left))
+    else:
+        bias = edge
+    return bias
+
+
+@triton.jit
+def _band_loop(STEP: tl.constexpr, state, context, start, extent, reach_back, reach_ahead, OWN: tl.constexpr,
+               BLOCK: tl.constexpr, BEHIND: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``state = STEP(state, context, block_start, KIND, BLOCK, ...)`` over the blocks of BLOCK rows of the other
+    operand (the first ``extent`` rows: blocks past a sequence's length are skipped, not masked) that the program's
+    OWN rows from ``start`` meet. Three ranges partition them: the blocks that straddle the band first (KIND _BAND),
+    then those wholly behind it (every pair's other row at least ``reach_back`` before its own row: KIND BEHIND),
+    then those wholly ahead (at least ``reach_ahead`` after: KIND AHEAD). ``context``: the step's loop-invariant
+    tensors and scalars (a tuple; the constexprs follow it as arguments, a tuple cannot hold them)."""
+    num_blocks = tl.cdiv(extent, BLOCK)
+    # the first block with a row past start - reach_back, and the first whose first row is at least reach_ahead
+    # after the last own row
+    band_start = tl.minimum(tl.maximum(start - reach_back + 1, 0) // BLOCK, num_blocks)
+    band_end = tl.maximum(tl.minimum((start + OWN - 1 + reach_ahead + BLOCK - 1) // BLOCK, num_blocks), band_start)
+    for block in range(band_start, band_end):
+        state = STEP(state, context, block * BLOCK, _BAND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+    for block in range(0, band_start):
+        state = STEP(state, context, block * BLOCK, BEHIND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+    for block in range(band_end, num_blocks):
+        state = STEP(state, context, block * BLOCK, AHEAD, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+    return state
+
+
+@triton.jit
+def _key_block_scores(q, k, offs_m, offs_n, table_rows, bias_first, bias_last, left, right, KIND: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """(raw scores q·(k + E), the pairs' j − i) of query rows ``offs_m`` against keys ``offs_n`` (forward, dQ
+    pass)."""
+    relative = offs_n[None, :] - offs_m[:, None]
+    edge = bias_first if KIND == _FIRST else bias_last
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return scores + _relative_bias(table_rows[:, None], relative, edge[:, None], left, right, KIND), relative
+
+
+@triton.jit
+def _attend_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Forward: one step of the online softmax over keys [start_n, start_n + BLOCK_N). state: (acc, m_i, l_i)."""
+    acc, m_i, l_i = state
+    (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, key_length, stride_kl, stride_vl, left, right,
+     qk_scale) = context
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    # (the mask before the loads: where it is used instead, ptxas on triton 3.6 takes 1-23 registers more on sm_90a)
     key_valid = offs_n < key_length
     # keys past the length read the last valid key: finite, and their probability is set to 0 below
     rows = tl.minimum(offs_n, key_length - 1)
     k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if KIND == _BAND:
-        distance = tl.minimum(tl.maximum(offs_n[None, :] - offs_m[:, None], -left), right) + left
-        scores += tl.load(table_rows[:, None] + distance)
-    else:
-        scores += bias_row[:, None]
+    scores, _ = _key_block_scores(q, k, offs_m, offs_n, table_rows, bias_first, bias_last, left, right, KIND,
+                                  DOT_PRECISION)
     # scores are raw q·(k + E); scale and the change to base 2 in one multiply
     scores = tl.where(key_valid[None, :], scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -123,21 +228,12 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    b = batch_head // heads
-    h = batch_head % heads
+    batch_head, b, h = _batch_and_head(heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < length
-    d_valid = offs_d < HEAD_DIM
-
-    key_length = length
-    if HAS_LENGTHS:
-        key_length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), length)
-    row_stride = heads * HEAD_DIM
-    out_base = out_ptr + (b.to(tl.int64) * length) * row_stride + h * HEAD_DIM
-    out_ptrs = out_base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-    out_mask = row_in[:, None] & d_valid[None, :]
+    key_length, _ = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
+    out_offsets, out_mask = _output_tile(b, h, offs_m, length, heads, BLOCK_D, HEAD_DIM)
+    out_ptrs = out_ptr + out_offsets
     lse_ptrs = lse_ptr + batch_head.to(tl.int64) * length + offs_m
 
     if ZERO_PADDED_QUERIES and start_m >= key_length:
@@ -146,42 +242,19 @@ def _forward_kernel(
         tl.store(lse_ptrs, tl.zeros([BLOCK_M], dtype=lse_ptr.dtype.element_ty), mask=row_in)
         return
 
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :], mask=out_mask, other=0.0)
-
-    # Rows past the end read the last row's table: every gather stays in bounds without a mask.
-    table_rows = (table_ptr + b.to(tl.int64) * stride_tb + h * stride_th
-                  + tl.minimum(offs_m, length - 1) * stride_tl)
-    bias_first = tl.load(table_rows)
-    bias_last = tl.load(table_rows + (NUM_DISTANCES - 1))
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # Key blocks past the sequence's length are skipped, not masked; three ranges partition the rest.
-    num_key_blocks = tl.cdiv(key_length, BLOCK_N)
-    # block n is wholly left of the band when its last key j and the first query i have j - i <= -left
-    band_start = tl.minimum(tl.maximum(start_m - left + 1, 0) // BLOCK_N, num_key_blocks)
-    # ... and wholly right when its first key j and the last query i have j - i >= right
-    band_end = tl.minimum((start_m + BLOCK_M - 1 + right + BLOCK_N - 1) // BLOCK_N, num_key_blocks)
-    band_end = tl.maximum(band_end, band_start)
-    # Whichever block comes first holds a valid key (band_start < num_key_blocks when the band is not empty;
-    # block 0 otherwise), seen by every row, so the running max is finite from the first step on.
-    for block in range(band_start, band_end):
-        acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q, table_rows, bias_first, k_base, v_base, block * BLOCK_N, offs_m, key_length,
-            stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, _BAND, DOT_PRECISION)
-    for block in range(0, band_start):
-        acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q, table_rows, bias_first, k_base, v_base, block * BLOCK_N, offs_m, key_length,
-            stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, _FIRST, DOT_PRECISION)
-    for block in range(band_end, num_key_blocks):
-        acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q, table_rows, bias_last, k_base, v_base, block * BLOCK_N, offs_m, key_length,
-            stride_kl, stride_vl, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, _LAST, DOT_PRECISION)
+    k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh)
+    v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh)
+    q = _load_tile(_head_base(q_ptr, b, h, stride_qb, stride_qh), offs_m, stride_ql, row_in, BLOCK_D, HEAD_DIM)
+    table_rows, bias_first, bias_last = _table_block(_head_base(table_ptr, b, h, stride_tb, stride_th), offs_m, length,
+                                                     stride_tl, NUM_DISTANCES)
+    context = (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, key_length, stride_kl, stride_vl, left,
+               right, qk_scale)
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+             tl.zeros([BLOCK_M], dtype=tl.float32))
+    # The band's blocks come first: the first of them holds a valid key (band_start < the block count when the band
+    # is not empty; block 0 otherwise), seen by every row, so the running max is finite from the first step on.
+    acc, m_i, l_i = _band_loop(_attend_key_block, state, context, start_m, key_length, left, right, BLOCK_M,
+                               BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     if ZERO_PADDED_QUERIES:
@@ -192,31 +265,25 @@ def _forward_kernel(
 
 
 @triton.jit
-def _dkdv_query_block(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, table_base, start_m, offs_n, key_valid, q_len, length,
-    stride_ql, stride_dol, stride_tl, left, right, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr,
-    KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dK/dV pass: add queries [start_m, start_m + BLOCK_M)'s share to one key block's dk and dv (transposed
-    tiles: keys along rows)."""
+def _dkdv_query_block(state, context, start_m, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK/dV pass: queries [start_m, start_m + BLOCK_M)'s share of one key block's dk and dv (transposed tiles: keys
+    along rows). state: (dk, dv)."""
+    dk, dv = state
+    (k, v, offs_n, key_valid, q_base, do_base, lse_base, delta_base, table_base, query_length, length, stride_ql,
+     stride_dol, stride_tl, left, right, qk_scale) = context
     offs_m = start_m + tl.arange(0, BLOCK_M)
     # rows that carry a gradient; the rest get lse = +inf, so P = 0 (and dS = 0) there whatever was saved for them
-    row_live = offs_m < q_len
+    row_live = offs_m < query_length
     rows = tl.minimum(offs_m, length - 1)
     q = _load_rows(q_base, rows, stride_ql, BLOCK_D, HEAD_DIM)
     do = _load_rows(do_base, rows, stride_dol, BLOCK_D, HEAD_DIM)
     lse2 = tl.load(lse_base + offs_m, mask=row_live, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=row_live, other=0.0)
     table_rows = table_base + rows * stride_tl
+    edge = tl.load(table_rows + (0 if KIND == _FIRST else NUM_DISTANCES - 1))
     scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    if KIND == _BAND:
-        distance = tl.minimum(tl.maximum(offs_n[:, None] - offs_m[None, :], -left), right) + left
-        scores += tl.load(table_rows[None, :] + distance)
-    elif KIND == _FIRST:
-        scores += tl.load(table_rows)[None, :]
-    else:
-        scores += tl.load(table_rows + (NUM_DISTANCES - 1))[None, :]
+    scores += _relative_bias(table_rows[None, :], offs_n[:, None] - offs_m[None, :], edge[None, :], left, right, KIND)
     p = tl.math.exp2(scores * qk_scale - lse2[None, :])
     p = tl.where(key_valid[:, None], p, 0.0)
     dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -241,24 +308,10 @@ def _backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    batch_head = tl.program_id(1)
-    b = batch_head // heads
-    h = batch_head % heads
+    batch_head, b, h = _batch_and_head(heads)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-
-    key_length = length
-    if HAS_LENGTHS:
-        key_length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), length)
-    # with zero_padded_queries the padded rows' output is the constant 0: their dO reaches nothing
-    q_len = length
-    if ZERO_PADDED_QUERIES:
-        q_len = key_length
-    # dk, dv: (B, L, H, D) contiguous
-    row_stride = heads * HEAD_DIM
-    grad_offsets = (b.to(tl.int64) * length + offs_n[:, None]) * row_stride + h * HEAD_DIM + offs_d[None, :]
-    grad_mask = (offs_n[:, None] < length) & d_valid[None, :]
+    key_length, query_length = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
+    grad_offsets, grad_mask = _output_tile(b, h, offs_n, length, heads, BLOCK_D, HEAD_DIM)
     if start_n >= key_length:
         # padded keys get no gradient
         tl.store(dk_ptr + grad_offsets, tl.zeros([BLOCK_N, BLOCK_D], dtype=dk_ptr.dtype.element_ty), mask=grad_mask)
@@ -266,65 +319,36 @@ def _backward_dkdv_kernel(
         return
 
     key_valid = offs_n < key_length
-    kv_mask = key_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[:, None].to(tl.int64) * stride_kl
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vl
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-    lse_base = lse_ptr + batch_head.to(tl.int64) * length
-    delta_base = delta_ptr + batch_head.to(tl.int64) * length
-    table_base = table_ptr + b.to(tl.int64) * stride_tb + h * stride_th
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # The forward's three ranges seen from a key block: query blocks wholly after the band's reach (every pair
-    # has j - i <= -left) read column 0, wholly before it (j - i >= right) column R - 1.
-    num_query_blocks = tl.cdiv(q_len, BLOCK_M)
-    # query block m has j - i >= right for all pairs when its last row i and the first key j do
-    band_start = tl.minimum(tl.maximum(start_n - right + 1, 0) // BLOCK_M, num_query_blocks)
-    # ... and j - i <= -left when its first row and the last key do
-    band_end = tl.minimum((start_n + BLOCK_N - 1 + left + BLOCK_M - 1) // BLOCK_M, num_query_blocks)
-    band_end = tl.maximum(band_end, band_start)
-    for block in range(band_start, band_end):
-        dk, dv = _dkdv_query_block(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, table_base, block * BLOCK_M, offs_n, key_valid,
-            q_len, length, stride_ql, stride_dol, stride_tl, left, right, qk_scale,
-            BLOCK_M, BLOCK_D, HEAD_DIM, NUM_DISTANCES, _BAND, DOT_PRECISION)
-    for block in range(0, band_start):
-        dk, dv = _dkdv_query_block(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, table_base, block * BLOCK_M, offs_n, key_valid,
-            q_len, length, stride_ql, stride_dol, stride_tl, left, right, qk_scale,
-            BLOCK_M, BLOCK_D, HEAD_DIM, NUM_DISTANCES, _LAST, DOT_PRECISION)
-    for block in range(band_end, num_query_blocks):
-        dk, dv = _dkdv_query_block(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, table_base, block * BLOCK_M, offs_n, key_valid,
-            q_len, length, stride_ql, stride_dol, stride_tl, left, right, qk_scale,
-            BLOCK_M, BLOCK_D, HEAD_DIM, NUM_DISTANCES, _FIRST, DOT_PRECISION)
+    k = _load_tile(_head_base(k_ptr, b, h, stride_kb, stride_kh), offs_n, stride_kl, key_valid, BLOCK_D, HEAD_DIM)
+    v = _load_tile(_head_base(v_ptr, b, h, stride_vb, stride_vh), offs_n, stride_vl, key_valid, BLOCK_D, HEAD_DIM)
+    context = (k, v, offs_n, key_valid, _head_base(q_ptr, b, h, stride_qb, stride_qh),
+               _head_base(do_ptr, b, h, stride_dob, stride_doh), lse_ptr + batch_head.to(tl.int64) * length,
+               delta_ptr + batch_head.to(tl.int64) * length, _head_base(table_ptr, b, h, stride_tb, stride_th),
+               query_length, length, stride_ql, stride_dol, stride_tl, left, right, qk_scale)
+    state = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
+    # The forward's ranges seen from a key block: query blocks wholly before it by at least right (j - i >= right)
+    # read column R - 1, those wholly after it by at least left (j - i <= -left) column 0.
+    dk, dv = _band_loop(_dkdv_query_block, state, context, start_n, query_length, right, left, BLOCK_N, BLOCK_M,
+                        _LAST, _FIRST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
     tl.store(dk_ptr + grad_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=grad_mask)
     tl.store(dv_ptr + grad_offsets, dv.to(dv_ptr.dtype.element_ty), mask=grad_mask)
 
 
 @triton.jit
-def _dq_key_block(
-    dq, edge_first, edge_last, q, do, lse2, delta, table_rows, bias_row, d_table_rows, k_base, v_base, start_n,
-    offs_m, row_in, key_length, stride_kl, stride_vl, left, right, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dQ pass: one key block's share of a query block's dq, and of its table gradient."""
+def _dq_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ pass: one key block's share of a query block's dq and of its table gradient's edge columns; band entries
+    are stored straight into d_table. state: (dq, edge_first, edge_last)."""
+    dq, edge_first, edge_last = state
+    (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows, k_base, v_base, key_length,
+     stride_kl, stride_vl, left, right, qk_scale) = context
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_valid = offs_n < key_length
     rows = tl.minimum(offs_n, key_length - 1)
     k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
     v = _load_rows(v_base, rows, stride_vl, BLOCK_D, HEAD_DIM)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if KIND == _BAND:
-        relative = offs_n[None, :] - offs_m[:, None]
-        scores += tl.load(table_rows[:, None] + (tl.minimum(tl.maximum(relative, -left), right) + left))
-    else:
-        scores += bias_row[:, None]
+    scores, relative = _key_block_scores(q, k, offs_m, offs_n, table_rows, bias_first, bias_last, left, right, KIND,
+                                         DOT_PRECISION)
     p = tl.math.exp2(scores * qk_scale - lse2[:, None])
     p = tl.where(key_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -360,67 +384,37 @@ def _backward_dq_kernel(
 ):
     """Writes dS·K (unscaled, fp32) to dq and the table gradient's edge columns and band entries to d_table."""
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    b = batch_head // heads
-    h = batch_head % heads
+    batch_head, b, h = _batch_and_head(heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_in = offs_m < length
-    d_valid = offs_d < HEAD_DIM
-
-    key_length = length
-    if HAS_LENGTHS:
-        key_length = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), length)
-    q_len = length
-    if ZERO_PADDED_QUERIES:
-        q_len = key_length
-    row_stride = heads * HEAD_DIM
-    dq_ptrs = dq_ptr + (b.to(tl.int64) * length + offs_m[:, None]) * row_stride + h * HEAD_DIM + offs_d[None, :]
-    dq_mask = row_in[:, None] & d_valid[None, :]
-    if start_m >= q_len:
+    key_length, query_length = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
+    dq_offsets, dq_mask = _output_tile(b, h, offs_m, length, heads, BLOCK_D, HEAD_DIM)
+    # (the pointers before the branch, not in each store: 160 registers instead of 128 on sm_80 otherwise)
+    dq_ptrs = dq_ptr + dq_offsets
+    if start_m >= query_length:
         # padded rows whose output is the constant 0 (their d_table rows stay as the launcher zeroed them)
         tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=dq_mask)
         return
 
-    row_live = offs_m < q_len
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :], mask=dq_mask, other=0.0)
-    live_mask = row_live[:, None] & d_valid[None, :]
-    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dol + offs_d[None, :], mask=live_mask, other=0.0)
+    row_in = offs_m < length
+    row_live = offs_m < query_length
+    q = _load_tile(_head_base(q_ptr, b, h, stride_qb, stride_qh), offs_m, stride_ql, row_in, BLOCK_D, HEAD_DIM)
+    do = _load_tile(_head_base(do_ptr, b, h, stride_dob, stride_doh), offs_m, stride_dol, row_live, BLOCK_D, HEAD_DIM)
     lse2 = tl.load(lse_ptr + batch_head.to(tl.int64) * length + offs_m, mask=row_live,
                    other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + batch_head.to(tl.int64) * length + offs_m, mask=row_live, other=0.0)
-    table_offset = b.to(tl.int64) * stride_tb + h * stride_th
-    table_rows = table_ptr + table_offset + tl.minimum(offs_m, length - 1) * stride_tl
+    # one offset for the table and its gradient, and these loads in this order: other orders cost 17-33 registers
+    # (16 × 64 tiles) or spill 4 B (fp32, 2 stages) on sm_90a
+    table_offset = _head_offset(b, h, stride_tb, stride_th)
     d_table_rows = d_table_ptr + table_offset + offs_m * stride_tl
-    bias_first = tl.load(table_rows)
-    bias_last = tl.load(table_rows + (NUM_DISTANCES - 1))
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    edge_first = tl.zeros([BLOCK_M], dtype=tl.float32)
-    edge_last = tl.zeros([BLOCK_M], dtype=tl.float32)
-    num_key_blocks = tl.cdiv(key_length, BLOCK_N)
-    band_start = tl.minimum(tl.maximum(start_m - left + 1, 0) // BLOCK_N, num_key_blocks)
-    band_end = tl.minimum((start_m + BLOCK_M - 1 + right + BLOCK_N - 1) // BLOCK_N, num_key_blocks)
-    band_end = tl.maximum(band_end, band_start)
-    for block in range(band_start, band_end):
-        dq, edge_first, edge_last = _dq_key_block(
-            dq, edge_first, edge_last, q, do, lse2, delta, table_rows, bias_first, d_table_rows, k_base, v_base,
-            block * BLOCK_N, offs_m, row_in, key_length, stride_kl, stride_vl, left, right, qk_scale,
-            BLOCK_N, BLOCK_D, HEAD_DIM, _BAND, DOT_PRECISION)
-    for block in range(0, band_start):
-        dq, edge_first, edge_last = _dq_key_block(
-            dq, edge_first, edge_last, q, do, lse2, delta, table_rows, bias_first, d_table_rows, k_base, v_base,
-            block * BLOCK_N, offs_m, row_in, key_length, stride_kl, stride_vl, left, right, qk_scale,
-            BLOCK_N, BLOCK_D, HEAD_DIM, _FIRST, DOT_PRECISION)
-    for block in range(band_end, num_key_blocks):
-        dq, edge_first, edge_last = _dq_key_block(
-            dq, edge_first, edge_last, q, do, lse2, delta, table_rows, bias_last, d_table_rows, k_base, v_base,
-            block * BLOCK_N, offs_m, row_in, key_length, stride_kl, stride_vl, left, right, qk_scale,
-            BLOCK_N, BLOCK_D, HEAD_DIM, _LAST, DOT_PRECISION)
+    table_rows, bias_first, bias_last = _table_block(table_ptr + table_offset, offs_m, length, stride_tl,
+                                                     NUM_DISTANCES)
+    context = (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows,
+               _head_base(k_ptr, b, h, stride_kb, stride_kh), _head_base(v_ptr, b, h, stride_vb, stride_vh),
+               key_length, stride_kl, stride_vl, left, right, qk_scale)
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+             tl.zeros([BLOCK_M], dtype=tl.float32))
+    dq, edge_first, edge_last = _band_loop(_dq_key_block, state, context, start_m, key_length, left, right, BLOCK_M,
+                                           BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
     tl.store(dq_ptrs, dq, mask=dq_mask)
     if NUM_DISTANCES == 1:
         tl.store(d_table_rows, edge_first + edge_last, mask=row_in)
@@ -430,11 +424,11 @@ def _backward_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg), per input precision: fp16/bf16 ("half") and fp32 (its dots take
-# three tf32 products, the operands' high and low halves both in registers). Every config compiles for sm_90a and
-# sm_80 at w2v-bert-2.0's shapes (head_dim 64, R = 73), on triton 3.6 and 3.9, with no spill and to registers that let
-# >= 12 warps be resident per SM (<= 168 per thread at 4 warps, <= 128 at 8), checked with ptxas
-# (benchmarks/compile_check.py, which fails on any config below that).
+# Per input precision: fp16/bf16 ("half") and fp32 (its dots take three tf32 products, the operands' high and low
+# halves both in registers). Every config compiles for sm_90a and sm_80 at w2v-bert-2.0's shapes (head_dim 64,
+# R = 73), on triton 3.6 and 3.9, with no spill and to registers that let >= 12 warps be resident per SM (<= 168 per
+# thread at 4 warps, <= 128 at 8), checked with ptxas (benchmarks/tools/compile_check.py, which fails on any config
+# below that). Best first: the campaign's autotune cap keeps each precision's first ones.
 # Half: larger tiles were dropped: the forward at (64, 64, 4 warps) needs 168 registers on sm_90 but 224 on sm_80;
 # (64, 16) fits but its P·V dot issues no tensor-core MMA on sm_90; the dQ pass at (16, 32, 4 warps) spills 4 B on
 # triton 3.6 (fp16, odd head sizes).
@@ -443,20 +437,39 @@ def _backward_dq_kernel(
 # given up to 242 uncapped (dQ, sm_80); the forward at (16, 64, 8 warps) fits in 128. Capping the half tiles instead
 # spills.
 FORWARD_CONFIGS = {
-    "half": [(32, 32, 4, 2, None), (32, 64, 4, 2, None), (32, 64, 8, 2, None)],
-    "fp32": [(16, 32, 4, 2, None), (16, 64, 8, 2, 128)],
+    "half": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2, maxnreg=128),
+    ],
 }
+# fp32's backward passes share their tiles
+_BACKWARD_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2, maxnreg=168),
+]
 DKDV_CONFIGS = {
-    "half": [(16, 32, 4, 2, None)],
-    "fp32": [(16, 16, 4, 1, 168), (16, 16, 4, 2, 168)],
+    "half": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    "fp32": _BACKWARD_FP32_CONFIGS,
 }
 DQ_CONFIGS = {
-    "half": [(16, 64, 8, 2, None)],
-    "fp32": [(16, 16, 4, 1, 168), (16, 16, 4, 2, 168)],
+    "half": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2)],
+    "fp32": _BACKWARD_FP32_CONFIGS,
 }
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
-INTERPRETER_CONFIG = (32, 16, 4, 1, None)
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+def _dot_precision(dtype):
+    """The kernels' DOT_PRECISION for inputs of ``dtype``. fp32: plain tf32 is 1e-3 off transformers' fp32, and
+    "ieee" (no tensor cores) spills tens of KB per thread; three tf32 products recover fp32 accuracy on tensor cores.
+    (fp64 runs only under the interpreter.)"""
+    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
 
 
 def _precision(dot_precision):
@@ -465,29 +478,23 @@ def _precision(dot_precision):
     return "fp32" if dot_precision == "tf32x3" else "half"
 
 
-def _triton_config(config):
-    block_m, block_n, warps, stages, maxnreg = config
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
-                         maxnreg=maxnreg)
-
-
-def _config_of(triton_config):
-    c = triton_config
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
+def _gpu_configs(tables, dtype):
+    """The configs a GPU launch with inputs of ``dtype`` may run: its precision's table."""
+    return tables[_precision(_dot_precision(dtype))]
 
 
 def _configs(tables, interpreted=None):
     """An autotuner's configs: every precision's (``_pruner`` keeps a launch's own), or the interpreter's one."""
     interpreted = triton_interpreter_enabled() if interpreted is None else interpreted
     if interpreted:
-        return [_triton_config(INTERPRETER_CONFIG)]
-    return [_triton_config(c) for table in tables.values() for c in table]
+        return [INTERPRETER_CONFIG]
+    return [c for table in tables.values() for c in table]
 
 
 def _pruner(tables):
     def prune_by_precision(configs, named_args, **kwargs):
-        allowed = set(tables[_precision({**named_args, **kwargs}["DOT_PRECISION"])])
-        return [c for c in configs if _config_of(c) in allowed]
+        allowed = [c.all_kwargs() for c in tables[_precision({**named_args, **kwargs}["DOT_PRECISION"])]]
+        return [c for c in configs if c.all_kwargs() in allowed]
 
     return prune_by_precision
 
@@ -505,7 +512,9 @@ _dkdv_tuned = _autotuned(_backward_dkdv_kernel, DKDV_CONFIGS)
 _dq_tuned = _autotuned(_backward_dq_kernel, DQ_CONFIGS)
 
 
-# ----------------------------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------------------------- launcher
+# The launcher builds each kernel's arguments by name (``_forward_arguments``, ``_backward_arguments``); the compile
+# check gets its example arguments from the same functions, called on meta tensors (``LAUNCH_META`` below).
 _LOG2E = 1.4426950408889634
 
 
@@ -529,50 +538,41 @@ def _common_meta(q, left, right, lengths, zero_padded_queries):
     return dict(
         LENGTH_BUCKET=triton.next_power_of_2(q.shape[1]), HEAD_DIM=head_dim, NUM_DISTANCES=left + right + 1,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_LENGTHS=lengths is not None,
-        ZERO_PADDED_QUERIES=bool(zero_padded_queries),
-        # fp32: plain tf32 is 1e-3 off transformers' fp32, and "ieee" (no tensor cores) spills tens of KB per
-        # thread; three tf32 products recover fp32 accuracy on tensor cores. (fp64 runs only under the interpreter.)
-        DOT_PRECISION={torch.float32: "tf32x3", torch.float64: "ieee"}.get(q.dtype, "tf32"),
+        ZERO_PADDED_QUERIES=bool(zero_padded_queries), DOT_PRECISION=_dot_precision(q.dtype),
     )
 
 
-def _launch_config(config):
-    """A (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) tuple as launch keywords (tests run every tuned
-    config)."""
-    return _triton_config(config).all_kwargs()
+def _strides(name, t):
+    """A (B, L, H, ·) tensor's batch, row and head strides, as the kernels name them."""
+    return {f"stride_{name}b": t.stride(0), f"stride_{name}l": t.stride(1), f"stride_{name}h": t.stride(2)}
 
 
-def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, lse=None,
-            config=None):
-    """Forward: (out (B, L, H·D) in q's dtype, lse (B, H, L) fp32). ``out``/``lse``: preallocated buffers (tests
-    pass them filled with NaN to catch unwritten rows); ``config``: a FORWARD_CONFIGS tuple, bypassing autotuning."""
+def _shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries):
+    """What every kernel takes: the inputs, the table, the sizes and the constexprs (all but a config's)."""
+    return dict(q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=table, lengths_ptr=lengths if lengths is not None else q,
+                **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("t", table),
+                length=q.shape[1], heads=q.shape[2], left=left, right=right, qk_scale=scale * _LOG2E,
+                **_common_meta(q, left, right, lengths, zero_padded_queries))
+
+
+def _forward_arguments(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None,
+                       lse=None):
+    """The forward kernel's arguments by name. ``out``/``lse``: preallocated buffers (tests pass them filled with NaN
+    to catch unwritten rows)."""
     batch, length, heads, head_dim = q.shape
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    table = _bias_table(q, distance_embedding)
     if out is None:
         out = torch.empty(batch, length, heads * head_dim, device=q.device, dtype=q.dtype)
     if lse is None:
         lse = torch.empty(batch, heads, length, device=q.device, dtype=_accumulate_dtype(q.dtype))
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    kernel = _forward_tuned if config is None else _forward_kernel
-    kernel[grid](
-        q, k, v, table, lengths if lengths is not None else q, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        table.stride(0), table.stride(1), table.stride(2),
-        length, heads, left, right, scale * _LOG2E,
-        **_common_meta(q, left, right, lengths, zero_padded_queries),
-        **(_launch_config(config) if config else {}),
-    )
-    return out, lse
+    return dict(_shared_arguments(q, k, v, _bias_table(q, distance_embedding), lengths, left, right, scale,
+                                  zero_padded_queries), out_ptr=out, lse_ptr=lse)
 
 
-def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                     zero_padded_queries, grads=None, dkdv_config=None, dq_config=None):
-    """Backward from the forward's output and lse: (dq, dk, dv, d_distance_embedding), each in its input's dtype,
-    dq/dk/dv as contiguous (B, L, H, D). ``grads``: preallocated (dq_partial fp32, dk, dv) buffers (tests fill
-    them with NaN); ``*_config``: DKDV_CONFIGS / DQ_CONFIGS tuples, bypassing autotuning."""
+def _backward_arguments(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
+                        zero_padded_queries, grads=None):
+    """(the dK/dV pass's arguments, the dQ pass's) by name. ``grads``: preallocated (dq_partial fp32, dk, dv)
+    buffers (tests fill them with NaN)."""
     batch, length, heads, head_dim = q.shape
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     d_out = _unit_last_stride(grad_out.reshape(batch, length, heads, head_dim))
@@ -580,8 +580,6 @@ def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, righ
     table = _bias_table(q, distance_embedding)
     # Δ = rowsum(dO∘O), (B, H, L); with zero_padded_queries the padded rows' O is 0, so their Δ is too
     delta = (d_out.to(acc_dtype) * out.reshape(batch, length, heads, head_dim).to(acc_dtype)).sum(-1)
-    delta = delta.transpose(1, 2).contiguous()
-    lse = lse.contiguous()
     if grads is None:
         grads = (torch.empty(batch, length, heads, head_dim, device=q.device, dtype=acc_dtype),
                  torch.empty(batch, length, heads, head_dim, device=q.device, dtype=k.dtype),
@@ -590,42 +588,63 @@ def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, righ
     # zero where no key exists for a bucket (j < 0 or past the length) and in padded rows; the dQ pass stores
     # the rest
     d_table = torch.zeros_like(table)
-    lengths_arg = lengths if lengths is not None else q
-    meta = _common_meta(q, left, right, lengths, zero_padded_queries)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), table.stride(0), table.stride(1), table.stride(2),
-               d_out.stride(0), d_out.stride(1), d_out.stride(2))
+    shared = dict(_shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries), do_ptr=d_out,
+                  lse_ptr=lse.contiguous(), delta_ptr=delta.transpose(1, 2).contiguous(), **_strides("do", d_out))
+    return (dict(shared, dk_ptr=dk, dv_ptr=dv, scale=scale), dict(shared, dq_ptr=dq_partial, d_table_ptr=d_table))
 
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_N"]), batch * heads)  # noqa: E731
-    kernel = _dkdv_tuned if dkdv_config is None else _backward_dkdv_kernel
-    kernel[grid](q, k, v, table, lengths_arg, d_out, lse, delta, dk, dv, *strides,
-                 length, heads, left, right, scale, scale * _LOG2E,
-                 **meta, **(_launch_config(dkdv_config) if dkdv_config else {}))
 
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    kernel = _dq_tuned if dq_config is None else _backward_dq_kernel
-    kernel[grid](q, k, v, table, lengths_arg, d_out, lse, delta, dq_partial, d_table, *strides,
-                 length, heads, left, right, scale * _LOG2E,
-                 **meta, **(_launch_config(dq_config) if dq_config else {}))
+def _run(tuned, kernel, arguments, config, rows):
+    """Launch over (blocks of ``rows``, batch × heads): through the autotuner, or ``kernel`` with ``config`` (a
+    triton.Config: tests run every tuned one)."""
+    batch_heads = arguments["q_ptr"].shape[0] * arguments["heads"]
+    grid = lambda meta: (triton.cdiv(arguments["length"], meta[rows]), batch_heads)  # noqa: E731
+    if config is None:
+        tuned[grid](**arguments)
+    else:
+        kernel[grid](**arguments, **config.all_kwargs())
+
+
+def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, lse=None,
+            config=None):
+    """Forward: (out (B, L, H·D) in q's dtype, lse (B, H, L) fp32). ``out``/``lse``: see ``_forward_arguments``;
+    ``config``: one of FORWARD_CONFIGS (a triton.Config), bypassing autotuning."""
+    arguments = _forward_arguments(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out,
+                                   lse)
+    _run(_forward_tuned, _forward_kernel, arguments, config, "BLOCK_M")
+    return arguments["out_ptr"], arguments["lse_ptr"]
+
+
+def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
+                     zero_padded_queries, grads=None, dkdv_config=None, dq_config=None):
+    """Backward from the forward's output and lse: (dq, dk, dv, d_distance_embedding), each in its input's dtype,
+    dq/dk/dv as contiguous (B, L, H, D). ``grads``: see ``_backward_arguments``; ``*_config``: one of DKDV_CONFIGS /
+    DQ_CONFIGS (a triton.Config), bypassing autotuning."""
+    dkdv, dq = _backward_arguments(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
+                                   zero_padded_queries, grads)
+    _run(_dkdv_tuned, _backward_dkdv_kernel, dkdv, dkdv_config, "BLOCK_N")
+    _run(_dq_tuned, _backward_dq_kernel, dq, dq_config, "BLOCK_M")
 
     # dq = scale·(dS·K + dT·E), dE = scale·Σ dTᵀ·q: small matmuls over the R columns
+    batch, length, heads, head_dim = q.shape
+    acc_dtype = _accumulate_dtype(q.dtype)
     emb = distance_embedding.to(q.dtype).to(acc_dtype)
-    num_distances = left + right + 1
-    d_table_rows = d_table.view(-1, num_distances)
-    dq = torch.addmm(dq_partial.view(-1, head_dim), d_table_rows, emb, beta=scale, alpha=scale)
+    d_table_rows = dq["d_table_ptr"].view(-1, left + right + 1)
+    d_q = torch.addmm(dq["dq_ptr"].view(-1, head_dim), d_table_rows, emb, beta=scale, alpha=scale)
     d_emb = torch.matmul(d_table_rows.t(), q.reshape(-1, head_dim).to(acc_dtype)) * scale
-    return (dq.view(batch, length, heads, head_dim).to(q.dtype), dk, dv, d_emb.to(distance_embedding.dtype))
+    return (d_q.view(batch, length, heads, head_dim).to(q.dtype), dkdv["dk_ptr"], dkdv["dv_ptr"],
+            d_emb.to(distance_embedding.dtype))
 
 
 # --------------------------------------------------------------------------------------- torch.library ops
-# ``implementation`` says which code computes the op: "triton" (the kernels above) or "chunked" (the CPU path,
-# rel_key_attention_cpu.py). It is an argument, not a global, so the backward always matches the forward that ran.
-# Both run with autocast off: an enclosing autocast region (the forward's, or a backward called inside one) would
-# otherwise turn the fp32 table and gradient matmuls into half precision ones.
-def _cpu_path():
-    from . import rel_key_attention_cpu
+# ``implementation`` says which code computes the op: TRITON (the kernels above) or FAST (the band-decomposed path,
+# rel_key_attention_banded.py), as ``_backend.dispatch`` chose it for the forward. It is an argument, not a global,
+# so the backward always matches the forward that ran. Both run with autocast off: an enclosing autocast region (the
+# forward's, or a backward called inside one) would otherwise turn the fp32 table and gradient matmuls into half
+# precision ones.
+def _banded():
+    from . import rel_key_attention_banded
 
-    return rel_key_attention_cpu
+    return rel_key_attention_banded
 
 
 @torch.library.custom_op("w2vbert_fast::rel_key_attention", mutates_args=())
@@ -634,10 +653,10 @@ def _rel_key_attention_op(
     scale: float, lengths: Optional[torch.Tensor], zero_padded_queries: bool, implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
-        if implementation == "triton":
+        if implementation == TRITON:
             return _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries)
-        out, lse = _cpu_path().rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths,
-                                                         zero_padded_queries)
+        out, lse = _banded().rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths,
+                                                       zero_padded_queries)
     return out.contiguous(), lse.contiguous()
 
 
@@ -655,11 +674,11 @@ def _rel_key_attention_backward_op(
     zero_padded_queries: bool, implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
-        if implementation == "triton":
+        if implementation == TRITON:
             grads = _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
                                      zero_padded_queries)
         else:
-            grads = _cpu_path().rel_key_attention_chunked_backward(
+            grads = _banded().rel_key_attention_chunked_backward(
                 grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries)
     return tuple(g.contiguous() for g in grads)
 
@@ -694,22 +713,6 @@ _rel_key_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------------ dispatch
 _MAX_HEAD_DIM = 256
-# `auto` on CPU tensors: the chunked O(L) path of rel_key_attention_cpu.py ("torch" here would run the literal
-# reference instead)
-_AUTO_ON_CPU = "chunked"
-
-
-def _implementation(q, k, v, distance_embedding):
-    """"torch" (the literal reference, plain autograd), "triton" or "chunked". fp64 on a GPU runs the reference: the
-    kernels' configs are compiled and checked for fp16, bf16 and fp32 only (fp64 is a numerics check; under the
-    interpreter, where CI runs it, the kernels take fp64 too)."""
-    if backend() == "torch":
-        return "torch"
-    if use_triton(q, k, v, distance_embedding):
-        if q.dtype == torch.float64 and not triton_interpreter_enabled():
-            return "torch"
-        return "triton"
-    return _AUTO_ON_CPU
 
 
 def _check_inputs(q, k, v, distance_embedding, left, right, lengths):
@@ -759,15 +762,16 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     downstream, e.g. the adapter, reads padded rows).
     Returns (B, L, H·D) in q's dtype.
 
-    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, runs the Triton kernels forward
-    and backward; ``auto`` on CPU tensors the chunked PyTorch path (rel_key_attention_cpu.py); ``torch`` the
-    literal reference with plain autograd. The first two save only q, k, v, the output and the row log-sum-exp
-    for backward: memory stays O(L), in training too.
+    Which code runs is ``_backend.dispatch``'s choice: the Triton kernels forward and backward (``triton``, or
+    ``auto`` on CUDA tensors of a dtype the kernels are checked for: fp64 on a GPU runs the reference), the
+    band-decomposed PyTorch path (``auto`` on CPU tensors: rel_key_attention_banded.py), or the literal reference
+    with plain autograd (``torch``). The first two save only q, k, v, the output and the row log-sum-exp for
+    backward: memory stays O(L), in training too.
     """
     _check_inputs(q, k, v, distance_embedding, left, right, lengths)
-    implementation = _implementation(q, k, v, distance_embedding)
-    if implementation != "torch" and q.numel() > 0:
-        if implementation == "triton" and q.shape[-1] > _MAX_HEAD_DIM:
+    implementation = dispatch(q, k, v, distance_embedding)
+    if implementation != REFERENCE and q.numel() > 0:
+        if implementation == TRITON and q.shape[-1] > _MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton kernel, got {q.shape[-1]}")
         if lengths is not None:
             lengths = lengths.to(torch.int32)
@@ -781,3 +785,52 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     if key_mask is not None and zero_padded_queries:
         out = out.masked_fill(~key_mask[..., None], 0)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ LAUNCH_META
+# What the compile check needs (benchmarks/tools/compile_check.py): each kernel's example arguments come from the
+# launcher's own argument builders, run on meta tensors (shapes, strides and dtypes, no data) at the check's shape;
+# a lengths tensor is passed (HAS_LENGTHS) and padded queries are zeroed, as the model launches them.
+def _example_inputs(shape, dtype):
+    """q, k, v (B, L, H, D), the distance embedding and int32 lengths, as meta tensors of ``dtype``'s name."""
+    t = getattr(torch, dtype)
+    q, k, v = (torch.empty(shape["batch"], shape["length"], shape["heads"], shape["head_dim"], dtype=t, device="meta")
+               for _ in range(3))
+    distance_embedding = torch.empty(shape["left"] + shape["right"] + 1, shape["head_dim"], dtype=t, device="meta")
+    return q, k, v, distance_embedding, torch.empty(shape["batch"], dtype=torch.int32, device="meta")
+
+
+def _compile_arguments(arguments):
+    """A launch's arguments as the compile check takes them: a tensor becomes its dtype."""
+    return {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in arguments.items()}
+
+
+def _forward_example(shape, dtype):
+    q, k, v, distance_embedding, lengths = _example_inputs(shape, dtype)
+    return _compile_arguments(_forward_arguments(q, k, v, distance_embedding, shape["left"], shape["right"],
+                                                 shape["head_dim"] ** -0.5, lengths, True))
+
+
+def _backward_example(shape, dtype, kernel_pass):
+    """``kernel_pass``: 0 for the dK/dV pass, 1 for the dQ pass."""
+    q, k, v, distance_embedding, lengths = _example_inputs(shape, dtype)
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=q.dtype, device="meta")
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=_accumulate_dtype(q.dtype), device="meta")
+    arguments = _backward_arguments(out, q, k, v, distance_embedding, out, lse, shape["left"], shape["right"],
+                                    shape["head_dim"] ** -0.5, lengths, True)
+    return _compile_arguments(arguments[kernel_pass])
+
+
+# every dot, fp32's included (three tf32 products), must run on tensor cores
+_EXPECT = ("mma_in_half", "mma_in_fp32", "no_fp64", "no_local")
+LAUNCH_META = {
+    "_forward_kernel": KernelLaunch(
+        _forward_tuned, _forward_example, lambda dtype: _gpu_configs(FORWARD_CONFIGS, getattr(torch, dtype)),
+        expect=_EXPECT),
+    "_backward_dkdv_kernel": KernelLaunch(
+        _dkdv_tuned, lambda shape, dtype: _backward_example(shape, dtype, 0),
+        lambda dtype: _gpu_configs(DKDV_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+    "_backward_dq_kernel": KernelLaunch(
+        _dq_tuned, lambda shape, dtype: _backward_example(shape, dtype, 1),
+        lambda dtype: _gpu_configs(DQ_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+}

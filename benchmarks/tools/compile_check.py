@@ -2,8 +2,13 @@
 what only the compiler sees: compile errors, spills, shared memory; record registers, occupancy and the machine
 code's instruction mix.
 
-    python benchmarks/compile_check.py                       # the full plan → benchmarks/results/compile-<triton>.json
-    python benchmarks/compile_check.py --plan ci --out FILE  # the subset CI runs (see tests/test_kernel_compile.py)
+    python benchmarks/tools/compile_check.py                  # full plan → benchmarks/results/compile-<triton>.json
+    python benchmarks/tools/compile_check.py --plan ci --out F  # the subset CI runs (tests/test_kernel_compile.py)
+
+What to compile comes from each op file's ``LAUNCH_META`` ({key: ``_backend.KernelLaunch``}, the key a kernel's
+function name, or ``name+variant`` for a kernel launched more than one way): the kernel, its example arguments (made
+by the op's own launcher code, so this file holds no copy of any launch logic), its configs per input dtype and the
+machine-code expectations. This file holds only the shapes and the targets.
 
 How: a stand-in driver whose current target is ``GPUTarget("cuda", 90 or 80, 32)`` is made active, and each kernel
 is compiled through its real launch path, ``JITFunction.warmup`` (the arguments' dtypes, integer specialisation and
@@ -14,20 +19,15 @@ instruction mix per source line. One compile per task in a process pool.
 
 A check fails on: a compile error; any spill store or load in a config the autotuner may pick (or the one the
 launcher uses); fewer than 12 warps resident per SM (``MIN_WARPS_PER_SM``); shared memory over the target's
-per-block limit; a kernel in ``w2vbert_fast/ops`` missing from
-``KERNELS`` or whose arguments no longer match its entry. The machine-code expectations each entry declares (tensor
-cores on every ``tl.dot`` in half precision, no fp64 arithmetic, no local memory) fail it too. Never relax a check
-to make it pass: fix the kernel or drop the config.
-
-Updating after a kernel change: edit the kernel's entry in ``KERNELS`` (its example arguments, by name) — the
-configs come from the autotuner itself (imported without the interpreter, so its GPU list, filtered per dtype by its
-``early_config_prune`` when it has one) or, for a kernel launched without one, the module attribute its entry names.
+per-block limit; a kernel in ``w2vbert_fast/ops`` without a ``LAUNCH_META`` entry, or an entry whose arguments no
+longer match its kernel. The machine-code expectations each entry declares (tensor cores on every ``tl.dot`` in half
+precision, no fp64 arithmetic, no local memory) fail it too. Never relax a check to make it pass: fix the kernel or
+drop the config.
 """
 
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import importlib
 import io
 import json
@@ -39,9 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -74,146 +73,12 @@ SHAPES = {
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-# ------------------------------------------------------------------------------------------------ registry
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """How to launch one kernel for the check.
-
-    args(shape, dtype) → {argument name: example value}: a torch dtype for a pointer, a Python int/float/str/bool
-    for the rest (constexprs included), exactly what the launcher passes — except the autotuned meta-parameters.
-    configs: for a kernel without an autotuner, (module attribute naming its launch configs, a list of dicts of
-    meta-parameters + num_warps/num_stages); None for autotuned kernels.
-    dtypes: the input dtypes the kernel is launched with (a kernel whose launcher fixes them lists one).
-    expect: machine-code expectations, checked per compile: "mma_in_half" / "mma_in_fp32" (every tl.dot line issues
-    tensor-core MMA when the inputs are fp16/bf16 / fp32, i.e. tf32 products), "no_fp64" (no fp64 arithmetic
-    anywhere), "no_local" (no local memory).
-    """
-
-    args: Callable[[dict, str], Dict[str, object]]
-    dtypes: Tuple[str, ...] = DTYPES
-    configs: Optional[str] = None
-    expect: Tuple[str, ...] = ("no_local",)
-
-
-def _attention_args(s, dtype, backward=None):
-    """backward: None (forward), "dkdv" or "dq"."""
-    import torch
-
-    t = getattr(torch, dtype)
-    num_distances = s["left"] + s["right"] + 1
-    row = s["heads"] * s["head_dim"]  # q, k, v, dO: (B, L, H, D) views of (B, L, H·D) projections
-    strides = (s["length"] * row, row, s["head_dim"])
-    table = (s["length"] * s["heads"] * num_distances, s["heads"] * num_distances, num_distances)  # (B, L, H, R)
-    args = dict(
-        q_ptr=t, k_ptr=t, v_ptr=t, table_ptr=torch.float32, lengths_ptr=torch.int32,
-        stride_qb=strides[0], stride_ql=strides[1], stride_qh=strides[2],
-        stride_kb=strides[0], stride_kl=strides[1], stride_kh=strides[2],
-        stride_vb=strides[0], stride_vl=strides[1], stride_vh=strides[2],
-        stride_tb=table[0], stride_tl=table[1], stride_th=table[2],
-        length=s["length"], heads=s["heads"], left=s["left"], right=s["right"], qk_scale=0.18,
-        LENGTH_BUCKET=_next_power_of_2(s["length"]),
-        HEAD_DIM=s["head_dim"], NUM_DISTANCES=num_distances, BLOCK_D=max(16, _next_power_of_2(s["head_dim"])),
-        HAS_LENGTHS=True, ZERO_PADDED_QUERIES=True, DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32",
-    )
-    if backward is None:
-        return dict(args, out_ptr=t, lse_ptr=torch.float32)
-    args.update(do_ptr=t, lse_ptr=torch.float32, delta_ptr=torch.float32,
-                stride_dob=strides[0], stride_dol=strides[1], stride_doh=strides[2])
-    if backward == "dkdv":
-        return dict(args, dk_ptr=t, dv_ptr=t, scale=0.125)
-    return dict(args, dq_ptr=torch.float32, d_table_ptr=torch.float32)
-
-
-def _conv_row_args(s, dtype, backward=False):
-    """The forward and the LayerNorm backward: persistent programs over BLOCK_T-row tiles of all C channels."""
-    import torch
-
-    t = getattr(torch, dtype)
-    channels = s["heads"] * s["head_dim"]
-    args = dict(
-        x_ptr=t, weight_ptr=t, ln_weight_ptr=t, ln_bias_ptr=t, lengths_ptr=torch.int32, mean_ptr=torch.float32,
-        rstd_ptr=torch.float32, scratch_ptr=torch.float32,
-        stride_xb=s["length"] * 2 * channels, stride_xt=2 * channels,
-        batch=s["batch"], length=s["length"], channels=channels, scratch_stride=4096 * 24,
-        KERNEL_SIZE=s["kernel_size"], HAS_LENGTHS=True, SYNC_SCRATCH=True,
-    )
-    if not backward:
-        return dict(args, out_ptr=t, stride_ob=s["length"] * channels, stride_ot=channels, eps=1e-5)
-    return dict(args, dout_ptr=t, dconv_ptr=torch.float32, dnorm_partial_ptr=torch.float32,
-                stride_db=s["length"] * channels, stride_dt=channels)
-
-
-def _conv_glu_backward_args(s, dtype):
-    import torch
-
-    t = getattr(torch, dtype)
-    channels = s["heads"] * s["head_dim"]
-    return dict(
-        x_ptr=t, weight_ptr=t, lengths_ptr=torch.int32, dconv_ptr=torch.float32, dx_ptr=t,
-        dweight_partial_ptr=torch.float32,
-        stride_xb=s["length"] * 2 * channels, stride_xt=2 * channels, stride_dxb=s["length"] * 2 * channels,
-        stride_dxt=2 * channels, length=s["length"], channels=channels, splits=4, rows_per_split=384,
-        KERNEL_SIZE=s["kernel_size"], HAS_LENGTHS=True, SYNC_PARTIALS=True,
-    )
-
-
-def _fbank_frames(s):
-    return 1 + (s["samples"] - 400) // 160
-
-
-def _frames_args(s, dtype):
-    import torch
-
-    frames = _fbank_frames(s)
-    return dict(
-        wave_ptr=torch.float32, lengths_ptr=torch.int32, window_ptr=torch.float64, frames_ptr=torch.float64,
-        stride_wb=s["samples"], stride_fb=frames * 512, stride_ff=512, max_frames=frames,
-        FRAME=400, HOP=160, FFT=512, SCALE=32768.0, PREEMPHASIS_COEF=0.97,
-    )
-
-
-def _log_mel_args(s, dtype):
-    import torch
-
-    frames = _fbank_frames(s)
-    return dict(
-        spectrum_ptr=torch.float64, lengths_ptr=torch.int32, mel_ptr=torch.float32, out_ptr=torch.float32,
-        stride_sb=frames * 257 * 2, stride_sf=257 * 2, stride_ob=frames * 80, stride_of=80, max_frames=frames,
-        FRAME=400, HOP=160, NUM_BINS=256, NUM_MEL=80, BLOCK_MEL=128, MEL_FLOOR_VALUE=1.192092955078125e-07,
-    )
-
-
-# attention's fp32 dots take three tf32 products (DOT_PRECISION "tf32x3"): tensor cores in every dtype
-_ATTENTION_EXPECT = ("mma_in_half", "mma_in_fp32", "no_fp64", "no_local")
-# "module:kernel" → Entry. The one place to update when a kernel's arguments change. Configs: the kernel's autotuner
-# (imported with TRITON_INTERPRET unset, so its GPU list), or ``configs`` for a kernel launched without one.
-KERNELS = {
-    "w2vbert_fast.ops.rel_key_attention:_forward_kernel": Entry(_attention_args, expect=_ATTENTION_EXPECT),
-    "w2vbert_fast.ops.rel_key_attention:_backward_dkdv_kernel": Entry(
-        lambda s, d: _attention_args(s, d, "dkdv"), expect=_ATTENTION_EXPECT),
-    "w2vbert_fast.ops.rel_key_attention:_backward_dq_kernel": Entry(
-        lambda s, d: _attention_args(s, d, "dq"), expect=_ATTENTION_EXPECT),
-    "w2vbert_fast.ops.glu_depthwise_conv:_glu_depthwise_conv_kernel": Entry(
-        _conv_row_args, expect=("no_fp64", "no_local")),
-    "w2vbert_fast.ops.glu_depthwise_conv:_conv_norm_backward_kernel": Entry(
-        lambda s, d: _conv_row_args(s, d, backward=True), expect=("no_fp64", "no_local")),
-    "w2vbert_fast.ops.glu_depthwise_conv:_glu_conv_backward_kernel": Entry(
-        _conv_glu_backward_args, expect=("no_fp64", "no_local")),
-    # the fbank launcher always passes fp32 samples and fp64 frames/spectra: one dtype; fp64 framing is by design
-    "w2vbert_fast.ops.log_mel_fbank:_frames_kernel": Entry(
-        _frames_args, dtypes=("float32",), configs="FRAMES_LAUNCH", expect=("no_local",)),
-    "w2vbert_fast.ops.log_mel_fbank:_log_mel_kernel": Entry(
-        _log_mel_args, dtypes=("float32",), configs="LOG_MEL_LAUNCH", expect=("no_fp64", "no_local")),
-}
-
-
-def _next_power_of_2(n):
-    return 1 << (int(n) - 1).bit_length()
-
-
 # --------------------------------------------------------------------------------------- kernels and configs
+DEFAULT_EXPECT = ("no_local",)  # a record whose kernel has no LAUNCH_META entry (a test's, an old table's)
+
+
 class RegistryError(Exception):
-    """The registry and the kernels disagree (a new kernel, a renamed or changed argument)."""
+    """LAUNCH_META and the kernels disagree (a new kernel, a renamed or changed argument)."""
 
 
 def _ops_modules():
@@ -235,43 +100,56 @@ def _jit_function(obj):
     return obj
 
 
+def _names_in(source):
+    """The names a function's code uses (strings and comments left out): a JIT function another one calls, or hands
+    on as an argument (a per-block step given to a loop helper), is a helper."""
+    import tokenize
+
+    return {t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.NAME}
+
+
+def _jit_functions(module):
+    """{function name: JITFunction} defined in ``module``."""
+    out = {}
+    for obj in vars(module).values():
+        fn = _jit_function(obj)
+        if fn is not None and fn.module == module.__name__:
+            out[fn.fn.__name__] = fn
+    return out
+
+
 def discover_kernels():
-    """{"module:function name": the object a launch calls (its autotuner, if any)} of every @triton.jit function of
-    w2vbert_fast.ops that no other one calls: the kernels, not their helpers."""
-    from triton.runtime.jit import JITFunction
-
-    found = {}
-    for module in _ops_modules():
-        for obj in vars(module).values():
-            fn = _jit_function(obj)
-            if fn is None or fn.module != module.__name__:
-                continue
-            key = f"{module.__name__}:{fn.fn.__name__}"
-            if key not in found or isinstance(found[key], JITFunction):
-                found[key] = obj
-    sources = {key: _jit_function(obj).src for key, obj in found.items()}
-    return {key: obj for key, obj in found.items()
-            if not any(re.search(rf"\b{re.escape(key.split(':')[1])}\s*\(", src)
-                       for other, src in sources.items() if other != key)}
+    """{"module:function name": JITFunction} of every @triton.jit function of w2vbert_fast.ops that no other one uses:
+    the kernels, not their helpers."""
+    found = {f"{module.__name__}:{name}": fn for module in _ops_modules()
+             for name, fn in _jit_functions(module).items()}
+    used = {key: _names_in(fn.src) - {fn.fn.__name__} for key, fn in found.items()}
+    return {key: fn for key, fn in found.items()
+            if not any(key.split(":")[1] in names for other, names in used.items() if other != key)}
 
 
-def configs_for(key, dtype, wrapper=None):
-    """[config dict: meta-parameters + num_warps/num_stages (+ maxnreg)] the kernel may run with on a GPU for inputs
-    of ``dtype``: the autotuner's configs that its ``early_config_prune`` keeps for a launch with this entry's
-    arguments (a kernel tuned per precision), or all of them."""
-    module_name, name = key.split(":")
-    module = importlib.import_module(module_name)
-    entry = KERNELS[key]
-    if entry.configs is not None:
-        return [dict(c) for c in getattr(module, entry.configs)]
-    wrapper = wrapper if wrapper is not None else discover_kernels()[key]
-    if not hasattr(wrapper, "configs"):
-        raise RegistryError(f"{key}: no autotuner and no 'configs' in its KERNELS entry")
-    configs = wrapper.configs
-    if getattr(wrapper, "early_config_prune", None):
-        args = entry.args(SHAPES["w2v-bert-2.0"], dtype)
-        # a launch passes some of these positionally, some as keywords: the pruner sees them both ways
-        configs = wrapper.early_config_prune(configs, dict(args), **args)
+def launches():
+    """{"module:key": KernelLaunch} of every ops module's LAUNCH_META."""
+    return {f"{module.__name__}:{key}": launch for module in _ops_modules()
+            for key, launch in getattr(module, "LAUNCH_META", {}).items()}
+
+
+def kernel_name(key):
+    """The kernel function a LAUNCH_META key names ("module:name" or "module:name+variant" → name)."""
+    return key.split(":")[-1].split("+")[0]
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def configs_for(key, dtype, launch=None):
+    """[config dict: meta-parameters + num_warps/num_stages (+ num_ctas, maxnreg)] the kernel may run with on a GPU
+    for inputs of ``dtype``: its LAUNCH_META entry's configs, as the JSON records them."""
+    launch = launch if launch is not None else launches()[key]
+    configs = launch.configs(dtype)
+    if not isinstance(configs, (list, tuple)) or not all(hasattr(c, "all_kwargs") for c in configs) or not configs:
+        raise RegistryError(f"{key}: LAUNCH_META configs({dtype!r}) must be a non-empty list of triton.Config, got "
+                            f"{configs!r}")
     out = []
     for c in configs:
         d = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -283,35 +161,37 @@ def configs_for(key, dtype, wrapper=None):
     return out
 
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-
-
 def check_registry(kernels=None):
-    """{key: problem} between the registry and the kernels as they are now (key "" for a kernel with no entry)."""
+    """{key: problem} between LAUNCH_META and the kernels as they are now."""
     problems = {}
     found = discover_kernels()
+    entries = launches()
     selected = lambda key: not kernels or any(k in key for k in kernels)  # noqa: E731
+    described = {f"{key.split(':')[0]}:{kernel_name(key)}" for key in entries}
     for key in found:
-        if key not in KERNELS and selected(key):
-            problems[key] = f"{key}: a kernel with no entry in benchmarks/compile_check.py KERNELS (add one)"
-    for key, entry in KERNELS.items():
+        if key not in described and selected(key):
+            module = key.split(":")[0]
+            problems[key] = f"{key}: a kernel with no entry in {module}'s LAUNCH_META (add one)"
+    for key, launch in entries.items():
         if not selected(key):
             continue
-        if key not in found:
-            problems[key] = f"{key}: in KERNELS but no such kernel (renamed or removed? update KERNELS)"
+        fn = _jit_function(launch.kernel)
+        name = f"{key.split(':')[0]}:{kernel_name(key)}"
+        if name not in found or fn is not found[name]:
+            problems[key] = (f"{key}: in LAUNCH_META but no such kernel, or its entry launches another one "
+                             f"({fn.fn.__name__ if fn else launch.kernel!r}; renamed or removed? update LAUNCH_META)")
             continue
-        fn = _jit_function(found[key])
         try:
-            configs = [c for dtype in entry.dtypes for c in configs_for(key, dtype, found[key])]
+            configs = [c for dtype in launch.dtypes for c in configs_for(key, dtype, launch)]
         except RegistryError as error:
             problems[key] = str(error)
             continue
         for config in configs:
             meta = {k for k in config if k not in LAUNCH_OPTIONS}
-            given = set(entry.args(SHAPES["odd"], entry.dtypes[0])) | meta
+            given = set(launch.args(SHAPES["odd"], launch.dtypes[0])) | meta
             missing, unknown = set(fn.arg_names) - given, given - set(fn.arg_names)
             if missing or unknown:
-                problems[key] = (f"{key}: KERNELS entry out of date: missing {sorted(missing)}, unknown "
+                problems[key] = (f"{key}: LAUNCH_META entry out of date: missing {sorted(missing)}, unknown "
                                  f"{sorted(unknown)} (the kernel takes {fn.arg_names})")
                 break
     return problems
@@ -382,15 +262,14 @@ def _source_lines(fn):
     """{(file basename, line number): text} of a JIT function and of the JIT helpers it calls (transitively)."""
     import inspect
 
-    module = sys.modules[fn.module]
-    by_name = {f.fn.__name__: f for f in (_jit_function(o) for o in vars(module).values()) if f is not None}
+    by_name = _jit_functions(sys.modules[fn.module])
     todo, seen = [fn], {}
     while todo:
         f = todo.pop()
         if f.fn.__name__ in seen:
             continue
         seen[f.fn.__name__] = f
-        todo += [h for name, h in by_name.items() if re.search(rf"\b{re.escape(name)}\s*\(", f.src)]
+        todo += [h for name, h in by_name.items() if name in _names_in(f.src)]
     lines = {}
     for f in seen.values():
         source, start = inspect.getsourcelines(f.fn)
@@ -462,9 +341,10 @@ def _compile_one(task):
         knobs.nvidia.dump_ptxas_log = True
         driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[target]["capability"], 32)))
         module_name, name = key.split(":")
-        fn = _jit_function(getattr(importlib.import_module(module_name), name))
+        launch = importlib.import_module(module_name).LAUNCH_META[name]
+        fn = _jit_function(launch.kernel)
         fn.device_caches.clear()  # this worker may have compiled the same specialisation already: ptxas must run
-        args = KERNELS[key].args(SHAPES[shape], dtype)
+        args = launch.args(SHAPES[shape], dtype)
         args.update(config)
         ordered = [args.pop(n) for n in fn.arg_names]
         log = io.StringIO()
@@ -483,6 +363,15 @@ def _compile_one(task):
     return record
 
 
+def _expectations(record):
+    """The machine-code expectations of the record's LAUNCH_META entry (DEFAULT_EXPECT without one)."""
+    try:
+        launch = importlib.import_module(record["module"]).LAUNCH_META[record["kernel"]]
+    except (ImportError, AttributeError, KeyError):
+        return DEFAULT_EXPECT
+    return launch.expect
+
+
 def failures(record):
     """Why a record fails the check ([] if it passes)."""
     if not record["ok"]:
@@ -497,7 +386,7 @@ def failures(record):
     limit = TARGETS[record["target"]]["smem_per_block"]
     if record["shared_bytes"] > limit:
         out.append(f"shared memory {record['shared_bytes']} B > {limit} B per block on {record['target']}")
-    expect = KERNELS.get(f"{record['module']}:{record['kernel']}", Entry(None)).expect
+    expect = _expectations(record)
     sass = record["sass"]
     if (("mma_in_half" in expect and record["dtype"] in ("bfloat16", "float16"))
             or ("mma_in_fp32" in expect and record["dtype"] == "float32")):
@@ -523,18 +412,18 @@ def plan(name, kernels=None, skip=()):
     fp32 there; the first config in the serving dtype on sm_80; the first config in fp16 at the odd shape on sm_90a.
     """
     out = []
-    for key, entry in KERNELS.items():
+    for key, launch in launches().items():
         if (kernels and not any(k in key for k in kernels)) or key in skip:
             continue
-        serving = "bfloat16" if "bfloat16" in entry.dtypes else entry.dtypes[0]
-        for dtype in entry.dtypes:
-            for index, config in enumerate(configs_for(key, dtype)):
+        serving = "bfloat16" if "bfloat16" in launch.dtypes else launch.dtypes[0]
+        for dtype in launch.dtypes:
+            for index, config in enumerate(configs_for(key, dtype, launch)):
                 for target in TARGETS:
                     for shape in SHAPES:
-                        if name == "ci" and not _in_ci(index, target, shape, dtype, serving, entry.dtypes):
+                        if name == "ci" and not _in_ci(index, target, shape, dtype, serving, launch.dtypes):
                             continue
                         if name == "full" and shape != "w2v-bert-2.0" and not _in_ci(
-                                index, target, shape, dtype, serving, entry.dtypes, odd_fp32=True):
+                                index, target, shape, dtype, serving, launch.dtypes, odd_fp32=True):
                             continue
                         out.append((key, target, dtype, shape, config))
     return out
@@ -621,7 +510,7 @@ def check(plan_name="full", jobs=None, kernels=None, previous=None):
     records = run(tasks, jobs or os.cpu_count() or 1) if tasks else []
     if previous is not None:
         rerun = {(t[0].split(":")[1]) for t in tasks} | {k.split(":")[1] for k in problems}
-        live = {k.split(":")[1] for k in KERNELS}
+        live = {k.split(":")[1] for k in launches()}
         records = [r for r in previous["records"] if r["kernel"] not in rerun and r["kernel"] in live] + records
     failed = list(problems.values())
     for record in records:

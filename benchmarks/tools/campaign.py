@@ -1,13 +1,13 @@
 """The one GPU call: every GPU-only test and benchmark, in priority order, inside a time budget.
 
     PYTHONPATH=. python -m w2vbert_fast bench --budget-s 480 --out "$OUT"
-    (or: PYTHONPATH=. python benchmarks/campaign.py --budget-s 480 --out "$OUT")
+    (or: PYTHONPATH=. python benchmarks/tools/campaign.py --budget-s 480 --out "$OUT")
 
 Lent GPU time is short, so nothing here may be lost to a timeout: each case is its own pytest process (a crash
 or a hang ends that case only) with a timeout of what is left of the budget (and at most the case's own cap), and
-the plugin ``benchmarks/campaign_plugin.py`` appends each finished test's outcome and benchmark result to ``NN-case.jsonl`` and
-fsyncs it at once. After each case the campaign appends the case's status to ``campaign.jsonl`` and rewrites
-``campaign-results.json`` (pytest-benchmark's format: ``benchmarks/report.py`` reads it) and ``summary.txt`` (the
+the plugin ``benchmarks/tools/campaign_plugin.py`` appends each finished test's outcome and benchmark result to
+``NN-case.jsonl`` and fsyncs it at once. After each case the campaign appends the case's status to ``campaign.jsonl`` and rewrites
+``campaign-results.json`` (pytest-benchmark's format: ``benchmarks/tools/report.py`` reads it) and ``summary.txt`` (the
 one-screen summary against the targets of issues 3-6 and 9, also printed). Autotuning is capped
 (``W2VBERT_FAST_AUTOTUNE_MAX_CONFIGS``, default 3: each autotuner tries only its first configs).
 
@@ -24,8 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this file is in benchmarks/tools/
+REPO = os.path.dirname(BENCHMARKS)
 RESERVE_S = 5.0  # kept back from the last case for the merge and the summary
 MIN_CASE_S = 10.0  # a case is not started with less than this left (a GPU case could not even import)
 
@@ -88,7 +88,8 @@ def run_case(case, index, out, timeout_s, env, python=sys.executable):
     record: passed | failed | timeout | nothing-selected, with rc, wall time and test counts."""
     stem = os.path.join(out, f"{index:02d}-{case.name}")
     jsonl = stem + ".jsonl"
-    command = [python, "-m", "pytest", *case.args, "-q", "-p", "benchmarks.campaign_plugin", f"--campaign-jsonl={jsonl}",
+    command = [python, "-m", "pytest", *case.args, "-q", "-p", "benchmarks.tools.campaign_plugin",
+               f"--campaign-jsonl={jsonl}",
                "-p", "no:cacheprovider"]
     start = time.monotonic()
     with open(stem + ".log", "w", encoding="utf-8") as log:
@@ -220,7 +221,7 @@ def summary(statuses, document, budget_s, elapsed_s, environment):
             measured = f"{value:.3g}{unit}"
             verdict = "met" if (value >= bound if higher else value <= bound) else "MISSED"
         lines.append(f"{issue:<6}{name:<50}{measured:>12}{('>= ' if higher else '<= ') + f'{bound:g}':>10}  {verdict}")
-    lines.append(f"\n{len(document['benchmarks'])} benchmark results; tables: python benchmarks/report.py "
+    lines.append(f"\n{len(document['benchmarks'])} benchmark results; tables: python benchmarks/tools/report.py "
                  "campaign-results.json")
     return "\n".join(lines)
 
@@ -230,7 +231,8 @@ def load_benchmarks_conftest():
     """benchmarks/conftest.py under its own name (``conftest`` may be tests/conftest.py in this process)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("w2vbert_fast_benchmarks_conftest", os.path.join(HERE, "conftest.py"))
+    spec = importlib.util.spec_from_file_location("w2vbert_fast_benchmarks_conftest",
+                                                  os.path.join(BENCHMARKS, "conftest.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -239,7 +241,7 @@ def load_benchmarks_conftest():
 def default_out():
     if os.environ.get("OUT"):
         return os.environ["OUT"]
-    return os.path.join(HERE, "results", "campaign-" + time.strftime("%Y%m%d-%H%M%S"))
+    return os.path.join(BENCHMARKS, "results", "campaign-" + time.strftime("%Y%m%d-%H%M%S"))
 
 
 def main(argv=None):

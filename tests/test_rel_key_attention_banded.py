@@ -1,4 +1,5 @@
-"""The CPU path of relative-key attention (ops/rel_key_attention_cpu.py): query-chunked, O(L) memory.
+"""The band-decomposed path of relative-key attention (ops/rel_key_attention_banded.py, the CPU path): query-chunked,
+O(L) memory.
 
 Checked against the literal transformers-style reference, forward (fp32 within 1e-5) and backward (fp64, where any
 slip in the bucket bookkeeping shows at 1e-10), at lengths either side of a chunk boundary, with bands wider and
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from w2vbert_fast.ops.rel_key_attention import rel_key_attention_reference
-from w2vbert_fast.ops.rel_key_attention_cpu import rel_key_attention_chunked, rel_key_attention_chunked_backward
+from w2vbert_fast.ops.rel_key_attention_banded import rel_key_attention_chunked, rel_key_attention_chunked_backward
 
 CHUNK = 8
 CASES = {  # id: (batch, length, heads, head_dim, left, right)

@@ -1,8 +1,8 @@
 """Turn pytest-benchmark JSON into the markdown tables of RESULTS.md.
 
-    python benchmarks/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md
+    python benchmarks/tools/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md
 
-Files written by ``benchmarks/compile_check.py`` (``compile-<triton version>.json``) become the "Compiled kernels"
+Files written by ``benchmarks/tools/compile_check.py`` (``compile-<triton version>.json``) become the "Compiled kernels"
 section and the static cost model (``compile_report.py``, ``cost_model.py``). For the rest, reads what
 ``benchmarks/conftest.py``'s ``measure`` fixture records in each result's ``extra_info``:
 
@@ -21,7 +21,8 @@ section and the static cost model (``compile_report.py``, ``cost_model.py``). Fo
 * optional, shown as columns when any row of the case has them: ``hours_audio_per_s``, ``mfu`` (over the measured
   matmul rate ``peak_tflops``), ``copy_fraction`` (over the measured copy bandwidth ``peak_gbps``), ``oom`` (ran out
   of GPU memory; ``error`` holds the allocator's message, shown under the table), ``peak_rss_bytes`` (the
-  high-water resident set of a fresh process that ran only that case: CPU peak memory), ``longest_clip_s``.
+  high-water resident set of a fresh process that ran only that case: CPU peak memory), ``longest_clip_s``. A CPU
+  smoke run's tables leave ``mfu`` and ``copy_fraction`` out (``PEAK_FRACTIONS``); real-size claims keep them.
 
 When the same (device, case, contender) appears in several files, the newest file (its ``datetime``) wins.
 The output is generated: never edit RESULTS.md or the JSON under benchmarks/results/ by hand.
@@ -52,6 +53,10 @@ OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
     ("peak_rss_bytes", "peak RSS (fresh process)", lambda v: fmt_bytes(v)),
     ("longest_clip_s", "longest clip", lambda v: f"{v / 60:.1f} min" if v >= 120 else f"{v:.0f} s"),
 ]
+# Fractions of a measured peak, left out of smoke runs: at their tiny sizes the peak (a large matmul, a large copy)
+# and the case measure different things, and the quotient means nothing (issue 18 saw an MFU of 120.6 % and 528 % of
+# copy bandwidth there).
+PEAK_FRACTIONS = ("mfu", "copy_fraction")
 
 
 def load(paths):
@@ -64,11 +69,12 @@ def load(paths):
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}: not JSON ({error})")
         if compile_report.is_compile_document(document):
-            documents.append((path, document))  # benchmarks/compile_check.py output: the "Compiled kernels" section
+            # benchmarks/tools/compile_check.py output: the "Compiled kernels" section
+            documents.append((path, document))
             continue
         if not isinstance(document, dict) or "benchmarks" not in document:
             raise SystemExit(f"{path}: not pytest-benchmark output (no 'benchmarks' list; run pytest with "
-                             f"--benchmark-json=FILE) nor benchmarks/compile_check.py output")
+                             f"--benchmark-json=FILE) nor benchmarks/tools/compile_check.py output")
         documents.append((path, document))
     return documents
 
@@ -122,12 +128,13 @@ def ratio(numerator, denominator):
     return f"{numerator / denominator:.2f}×"
 
 
-def case_table(rows) -> list:
-    """Markdown lines for one case."""
+def case_table(rows, smoke=False) -> list:
+    """Markdown lines for one case; ``smoke``: a CPU smoke run's (no PEAK_FRACTIONS columns)."""
     reference = next((r for r in rows.values() if r.get("role") == "reference"), None)
     ceiling = next((r for r in rows.values() if r.get("role") == "ceiling"), None)
     columns = ["contender", "median ms", "vs reference", "vs ceiling", "TFLOP/s", "GB/s", "peak memory"]
-    optional = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows.values())]
+    optional = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows.values())
+                and not (smoke and c[0] in PEAK_FRACTIONS)]
     has_oom = any(r.get("oom") for r in rows.values())
     if not any(r.get("tflops") is not None for r in rows.values()):
         columns.remove("TFLOP/s")
@@ -176,9 +183,9 @@ def provenance(row) -> str:
     return f"{versions}; commit `{commit}`; recorded {row['datetime'][:19]} (`{row['file']}`)."
 
 
-def device_section(device, kind, cases) -> list:
+def device_section(device, kind, cases, smoke=False) -> list:
     """One ``## device (kind)`` section: where it ran, then a table per case; a case recorded by another run than
-    the section's first says so under its heading."""
+    the section's first says so under its heading. ``smoke``: a CPU smoke run (see ``case_table``)."""
     sample = next(iter(next(iter(cases.values())).values()))
     out = [f"## {device} ({kind})", "", provenance(sample), ""]
     for case, contenders in cases.items():
@@ -187,7 +194,7 @@ def device_section(device, kind, cases) -> list:
         runs = {provenance(r) for r in contenders.values()}
         if runs != {provenance(sample)}:
             out += [f"_{run}_" for run in sorted(runs)] + [""]
-        out += case_table(contenders)
+        out += case_table(contenders, smoke)
         out.append("")
     return out
 
@@ -203,8 +210,8 @@ def render(documents) -> str:
     gpu_devices = [d for d, cases in tables.items()
                    if any(is_gpu(r) for c in cases.values() for r in c.values())]
     out = ["# Benchmark results", "",
-           "_Generated by `benchmarks/report.py` from pytest-benchmark JSON; do not edit by hand — rerun "
-           "`python benchmarks/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md`._", ""]
+           "_Generated by `benchmarks/tools/report.py` from pytest-benchmark JSON; do not edit by hand — rerun "
+           "`python benchmarks/tools/report.py benchmarks/results/*.json -o benchmarks/RESULTS.md`._", ""]
     out.append(f"- files: {', '.join(f'`{f}`' for f in files) if files else 'none'}")
     out.append(f"- commits: {', '.join(f'`{c}`' for c in commits) if commits else 'none'}")
     out.append(f"- devices: {', '.join(tables) if tables else 'none'}")
@@ -216,20 +223,21 @@ def render(documents) -> str:
             "transformers as a user runs it); *vs ceiling* = ceiling ms / contender ms (1.00× = as fast as a bound "
             "no implementation should beat); *peak memory* = GPU memory allocated at the peak of the calls, above "
             "what was allocated before (weights and inputs excluded); *MFU* = model FLOPs / time / the measured "
-            "dense matmul rate of the same device in the same dtype; *h audio / s* = hours of audio encoded per "
+            "dense matmul rate of the same device in the same dtype (not shown for smoke runs, nor is the fraction "
+            "of copy bandwidth: at their sizes neither measures anything); *h audio / s* = hours of audio encoded per "
             "second; *peak RSS (fresh process)* = the most resident memory of a process that ran only that case "
             "(CPU).", ""]
     for device, cases in sorted(tables.items(), key=lambda item: (item[0] not in gpu_devices, item[0])):
         if device in gpu_devices:
-            sections = [("GPU", cases)]
+            sections = [("GPU", cases, False)]
         else:
             claims = OrderedDict((c, rows) for c, rows in cases.items() if any(r.get("claim") for r in rows.values()))
             smoke = OrderedDict((c, rows) for c, rows in cases.items() if c not in claims)
-            sections = [("CPU, real sizes: measurements of the CPU path", claims),
-                        ("CPU smoke run, not a speed claim", smoke)]
-        for kind, section in sections:
+            sections = [("CPU, real sizes: measurements of the CPU path", claims, False),
+                        ("CPU smoke run, not a speed claim", smoke, True)]
+        for kind, section, is_smoke in sections:
             if section:
-                out += device_section(device, kind, section)
+                out += device_section(device, kind, section, is_smoke)
     out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 

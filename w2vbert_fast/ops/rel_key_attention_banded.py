@@ -1,7 +1,8 @@
-"""Relative-key attention on the CPU: query-chunked, O(L) memory, forward and backward.
+"""Relative-key attention, band-decomposed over the device's own attention primitive: query-chunked, O(L) memory,
+forward and backward.
 
-The CPU product path of ``ops.rel_key_attention`` (the ``auto`` backend on CPU tensors). The same idea as the
-Triton kernel, written around PyTorch's fused CPU flash attention: the bias of row i takes only left + right + 1
+The CPU product path of ``ops.rel_key_attention`` (the ``auto`` backend on CPU tensors, ``_backend.FAST``). The same
+idea as the Triton kernel, written around PyTorch's fused CPU flash attention: the bias of row i takes only left + right + 1
 values, q_i·E[r], so one small Q·Eᵀ table (B, H, L, R) holds every bias there is. For a chunk of query rows
 [i0, i1) the keys split three ways:
 

@@ -1,5 +1,5 @@
-"""pytest plugin for benchmarks/campaign.py (``-p campaign_plugin``): what one case's pytest run needs so that a
-timeout loses nothing and autotuning cannot eat the budget.
+"""pytest plugin for benchmarks/tools/campaign.py (``-p benchmarks.tools.campaign_plugin``): what one case's pytest
+run needs so that a timeout loses nothing and autotuning cannot eat the budget.
 
 * ``--campaign-jsonl FILE``: after each test, one JSON line is appended and flushed to disk: the test's outcome
   and, when it ran a pytest-benchmark, the result as pytest-benchmark would write it in ``--benchmark-json``

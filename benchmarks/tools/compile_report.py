@@ -1,5 +1,5 @@
-"""The "Compiled kernels" section of RESULTS.md, from benchmarks/compile_check.py's JSON (one document per triton
-version), and the static cost model (benchmarks/cost_model.py) beside it."""
+"""The "Compiled kernels" section of RESULTS.md, from benchmarks/tools/compile_check.py's JSON (one document per
+triton version), and the static cost model (benchmarks/tools/cost_model.py) beside it."""
 
 from collections import OrderedDict
 
@@ -101,7 +101,8 @@ def render_section(documents):
     index, kernels = _index(documents)
     out = ["## Compiled kernels (ahead of time, no GPU)", "",
            "_Generated from `benchmarks/results/compile-<triton version>.json`, written by "
-           "`python benchmarks/compile_check.py` (ptxas `-v` and the SASS of each compile; no GPU involved)._", ""]
+           "`python benchmarks/tools/compile_check.py` (ptxas `-v` and the SASS of each compile; no GPU "
+           "involved)._", ""]
     for d in documents:
         info = d["compile_check"]
         failed = len(d["failures"])
@@ -173,7 +174,7 @@ def cost_section(documents):
            f"{s['kernel_size']}; bf16 activations) and the time floors an H100 SXM's datasheet peaks imply "
            "(989 TFLOP/s dense bf16 tensor core, 67 TFLOP/s fp32 and 34 TFLOP/s fp64 CUDA cores, 3.35 TB/s HBM; "
            "exponentials at 16 a clock per SM). Bytes are what must cross HBM at least once. No GPU has run these "
-           "kernels: these are bounds, not results (see `benchmarks/cost_model.py`)._", "",
+           "kernels: these are bounds, not results (see `benchmarks/tools/cost_model.py`)._", "",
            "| kernel | work | HBM bytes | compute floors µs | HBM floor µs | roofline µs (bound by) |",
            "|---|---|---:|---|---:|---:|"]
     newest = documents[0] if documents else None
