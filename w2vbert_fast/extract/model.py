@@ -4,8 +4,9 @@ the identity its outputs record. Clear one-line errors (ExtractError) for a fold
 
 The identity of a checkpoint is a SHA-256 of each weight file's bytes, so a checkpoint swapped for another of the
 same size and modification time is told apart (sizes and mtimes were not enough: a probe's stale outputs passed as
-done). Hashing costs about 1 s per GB here (200 MB: 0.19–0.26 s, page cache warm, 2 cores; w2v-bert-2.0's 2.3 GB
-about 2.5 s, plus the read when cold), so files of ``CACHE_MIN_BYTES`` or more are hashed once and their digest
+done). Hashing costs about 1–1.3 s per GB here (200 MB: 0.19–0.25 s with the page cache warm, on a shared 2-core
+machine; w2v-bert-2.0's 2.3 GB about 2.2–2.9 s, plus the read when cold: benchmarks/results/extract-cpu-*.json),
+so files of ``CACHE_MIN_BYTES`` or more are hashed once and their digest
 cached (``W2VBERT_FAST_CACHE``, default ``~/.cache/w2vbert_fast``), keyed by the file's real path, device, inode,
 size, mtime and ctime. ctime is set by the kernel on every change to the file and cannot be set back from user
 space, so a cached digest is used only for the very file that was hashed; a cache that cannot be read or written
