@@ -16,7 +16,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 # the suite's tools, relative to the repository (as the help text shows them)
-TOOLS = "benchmarks"
+TOOLS = os.path.join("benchmarks", "tools")
 REPORT = os.path.join(TOOLS, "report.py")
 CAMPAIGN = os.path.join(TOOLS, "campaign.py")
 # the [test] extras of pyproject.toml, by module name: the suite needs all three
