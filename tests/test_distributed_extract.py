@@ -180,3 +180,35 @@ def test_two_cpu_processes_write_what_one_does_with_a_manifest_and_resume(tmp_pa
     hidden, _ = read_output(tmp_path / "two" / "b.safetensors")
     assert_fp32_close(hidden, read_output(tmp_path / "one" / "b.safetensors")[0])
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["clips"] == manifest["clips"]
+
+
+def test_two_cpu_processes_write_shards_from_a_manifest_that_one_process_reads_back(tmp_path):
+    """Each rank writes its own shards, the split dealing the manifest's clips by their given durations; a rerun
+    writes nothing new; load_features reads the clips one process writes, once each."""
+    import w2vbert_fast
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    lengths = {f"c{i}": 0.5 + 0.2 * i for i in range(6)}
+    for i, (name, seconds) in enumerate(lengths.items()):
+        write_wav(clips / f"{name}.wav", speechy(seconds, i))
+    listing = clips / "all.jsonl"
+    listing.write_text("".join(json.dumps({"path": f"{name}.wav", "duration": seconds}) + "\n"
+                               for name, seconds in lengths.items()))
+    common = ["--manifest", str(listing), "--random-weights", "tiny", "--layer", "1", "--device", "cpu",
+              "--batch-seconds", "3", "--shard-size", "2"]
+    assert main(["extract", *common, "--out", str(tmp_path / "one")]) == 0
+    two = extract(*common, "--out", str(tmp_path / "two"), torchrun=True)
+    assert two.returncode == 0, two.stderr
+    shards = sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.safetensors"))
+    assert {name.split("-")[1] for name in shards} == {"r0", "r1"}  # each rank its own shards
+    one, both = dict(w2vbert_fast.load_features(tmp_path / "one")), dict(w2vbert_fast.load_features(tmp_path / "two"))
+    assert sorted(both) == sorted(one) == sorted(lengths)
+    for name, hidden in both.items():
+        assert_fp32_close(hidden, one[name])
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["layout"] == "shards"
+    assert sorted(row["key"] for row in manifest["clips"]) == sorted(lengths)
+    again = extract(*common, "--out", str(tmp_path / "two"), "--quiet", torchrun=True)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.safetensors")) == shards
