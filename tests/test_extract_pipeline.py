@@ -115,3 +115,9 @@ def test_a_batch_that_raises_is_redone_clip_by_clip(corpus, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert f"{corpus / 'clip06.wav'}: CUDA out of memory (simulated)" in err and "11 written" in err
     assert len(outputs(out)) == 11
+
+
+def test_workers_must_be_zero_or_more(corpus, tmp_path, capsys):
+    assert extract(corpus, "--out", tmp_path / "out", *TINY, "--workers", "-1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--workers must be 0 (no background threads) or more, got -1") and len(err.splitlines()) == 1
