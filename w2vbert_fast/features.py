@@ -236,7 +236,7 @@ class FbankExtractor:
         padding side's end and ``padding_value`` elsewhere, and the (B, frames) int32 mask."""
         available = features.shape[1]
         positions = torch.arange(frames, device=features.device)
-        counts = torch.tensor(counts, device=features.device)
+        counts = _host_to_device(counts, features.device)
         if self.padding_side == "right":
             real = positions[None, :] < counts[:, None]
             if available >= frames:
@@ -420,14 +420,25 @@ def _channel_0(clip, name):
     return clip, name
 
 
+def _host_to_device(values, device, dtype=torch.int64):
+    """A small tensor of host values on ``device`` without a stream sync: through pinned memory to a GPU (a copy
+    from pageable memory, what ``torch.tensor(..., device="cuda")`` makes, waits for the stream)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _padded_waveforms(checked, device):
-    """Checked clips → (B, N) float32 right-padded waveforms and (B,) lengths on ``device``."""
+    """Checked clips → (B, N) float32 right-padded waveforms and (B,) lengths on ``device``: assembled where the
+    clips are (pinned host memory for host clips going to a GPU), then one non-blocking copy."""
     sizes = [c.shape[0] for c in checked]
-    waveforms = torch.empty(len(checked), max(sizes), dtype=torch.float32, device=device)
+    staging = device if all(c.device == device for c in checked) else torch.device("cpu")
+    pinned = staging.type == "cpu" and device.type == "cuda"
+    waveforms = torch.zeros(len(checked), max(sizes), dtype=torch.float32, device=staging, pin_memory=pinned)
     for i, clip in enumerate(checked):
-        waveforms[i, : clip.shape[0]] = clip.to(device, non_blocking=True)
-        waveforms[i, clip.shape[0]:] = 0.0
-    return waveforms, torch.tensor(sizes, dtype=torch.int64, device=device)
+        waveforms[i, : clip.shape[0]] = clip.to(staging)
+    return waveforms.to(device, non_blocking=True), _host_to_device(sizes, device)
 
 
 def _examples(processed_features):
