@@ -200,3 +200,20 @@ def test_smoke_runs_show_no_peak_fractions_and_real_size_claims_keep_them(tmp_pa
     assert "of copy BW" not in rows["ours"] and rows["ours"]["GB/s"] == "9" and rows["ours"]["vs ceiling"] == "0.50×"
     rows = table_rows(text, "CPU short clips, 24 layers, 6 s")
     assert rows["ours"]["MFU"] == "79.0 %" and rows["transformers sdpa (reference)"]["MFU"] == "67.0 %"
+
+
+def test_extract_benchmark_runs_get_a_section_of_their_own():
+    """benchmarks/bench_extract.py's JSON sits with the others in benchmarks/results/: the report reads it (the
+    documented `results/*.json` command must not stop on it) and shows one row per contender."""
+    path = os.path.join(ROOT, "benchmarks", "results", "extract-cpu-2522ae7.json")
+    text = report.render(report.load([path]))
+    assert "## Extraction pipeline (cpu, `extract-cpu-2522ae7.json`)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| pipelined |")]
+    assert len(rows) == 1 and rows[0].endswith("| 1.6 |")
+
+
+def test_a_file_of_no_known_kind_is_refused_by_name(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"something": 1}))
+    with pytest.raises(SystemExit, match="other.json: not pytest-benchmark output"):
+        report.load([str(path)])

@@ -68,13 +68,15 @@ def load(paths):
                 document = json.load(f)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}: not JSON ({error})")
-        if compile_report.is_compile_document(document):
-            # benchmarks/tools/compile_check.py output: the "Compiled kernels" section
+        if compile_report.is_compile_document(document) or is_extract_document(document):
+            # benchmarks/tools/compile_check.py output ("Compiled kernels") or benchmarks/bench_extract.py output
+            # ("Extraction pipeline")
             documents.append((path, document))
             continue
         if not isinstance(document, dict) or "benchmarks" not in document:
             raise SystemExit(f"{path}: not pytest-benchmark output (no 'benchmarks' list; run pytest with "
-                             f"--benchmark-json=FILE) nor benchmarks/tools/compile_check.py output")
+                             f"--benchmark-json=FILE) nor benchmarks/tools/compile_check.py or "
+                             f"benchmarks/bench_extract.py output")
         documents.append((path, document))
     return documents
 
@@ -199,9 +201,30 @@ def device_section(device, kind, cases, smoke=False) -> list:
     return out
 
 
+def is_extract_document(document) -> bool:
+    return isinstance(document, dict) and {"environment", "contenders", "clips"} <= set(document)
+
+
+def extract_section(path, document):
+    """benchmarks/bench_extract.py's run: one row per contender (the extract loop before, serial, pipelined)."""
+    env = document["environment"]
+    out = [f"## Extraction pipeline ({env.get('device', '?')}, `{os.path.basename(path)}`)", "",
+           f"{document['clips']} clips, {document.get('audio_minutes', '?')} min of audio; commit `{env.get('commit')}`, "
+           f"torch {env.get('torch')}, {env.get('cores', '?')} cores, load before the run "
+           f"{document.get('load_before', '?')}. {document.get('note', '')}", "",
+           "| contender | wall s | model forward s | clips / s | × real time | host work ms / clip |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, row in document["contenders"].items():
+        out.append(f"| {name} | {row['wall_s']:.2f} | {row['forward_s']:.2f} | {row['clips_per_s']:.1f} | "
+                   f"{row['x_real_time']:.0f}× | {row['host_ms_per_clip']:.1f} |")
+    return out + [""]
+
+
 def render(documents) -> str:
     compiled = [d for _, d in documents if compile_report.is_compile_document(d)]
-    documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)]
+    extracts = [(p, d) for p, d in documents if is_extract_document(d)]
+    documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)
+                 and not is_extract_document(d)]
     tables = collect(documents)
     files = [os.path.basename(path) for path, _ in documents]
     rows = [row for cases in tables.values() for contenders in cases.values() for row in contenders.values()]
@@ -238,6 +261,8 @@ def render(documents) -> str:
         for kind, section, is_smoke in sections:
             if section:
                 out += device_section(device, kind, section, is_smoke)
+    for path, document in extracts:
+        out += extract_section(path, document)
     out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 
