@@ -6,10 +6,12 @@ bf16 is checked on the GPU only (the interpreter emulates bf16 through fp32 nump
 check the emulation, not the kernel's rounding).
 """
 
+import copy
 import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 from conftest import FP32_ATOL, HAS_CUDA, assert_fp32_close, assert_half_precision_close, requires_cuda
 from model_helpers import randomize_
@@ -33,8 +35,9 @@ def make_inputs(batch, length, channels, kernel_size, dtype=torch.float32, seed=
     return tuple(t.to(DEVICE, dtype) for t in (x, weight, ln_weight, ln_bias))
 
 
-def reference_fp32(x, weight, ln_weight, ln_bias, lengths=None):
-    return glu_depthwise_conv_reference(x.float(), weight.float(), ln_weight.float(), ln_bias.float(), EPS, lengths)
+def reference_fp32(x, weight, ln_weight, ln_bias, lengths=None, frame_mask=None):
+    return glu_depthwise_conv_reference(x.float(), weight.float(), ln_weight.float(), ln_bias.float(), EPS, lengths,
+                                        frame_mask)
 
 
 def ragged_lengths(batch, length):
@@ -157,7 +160,7 @@ def test_the_op_is_registered_with_torch_library():
     lengths = torch.tensor([9, 4], device=DEVICE, dtype=torch.int32)
     # schema, fake tensor, autograd registration and aot dispatch (dynamic shapes): what torch.compile relies on
     torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv.default,
-                          (x, weight, ln_weight, ln_bias, EPS, lengths))
+                          (x, weight, ln_weight, ln_bias, EPS, lengths, None))
 
 
 def test_torch_compile_traces_through_the_kernel_without_graph_breaks(backend):
@@ -181,9 +184,16 @@ def test_torch_compile_traces_through_the_kernel_without_graph_breaks(backend):
         (lambda a: {**a, "lengths": torch.tensor([3])}, "lengths must be a"),
         (lambda a: {**a, "lengths": torch.tensor([3.0, 2.0])}, "lengths must be an integer tensor"),
         (lambda a: {**a, "lengths": torch.tensor([3, -1])}, "lengths must be non-negative"),
+        (lambda a: {**a, "frame_mask": torch.ones(2, 7, dtype=torch.bool)}, r"frame_mask must be a \(batch, time\)"),
+        (lambda a: {**a, "frame_mask": torch.ones(8, dtype=torch.bool)}, r"frame_mask must be a \(batch, time\)"),
+        (lambda a: {**a, "frame_mask": [[1] * 8] * 2}, r"frame_mask must be a \(batch, time\)"),
+        (lambda a: {**a, "frame_mask": torch.ones(2, 8)}, "frame_mask must be a bool or 0/1 integer tensor"),
+        (lambda a: {**a, "frame_mask": torch.full((2, 8), 2)}, "frame_mask must hold only 0 and 1"),
+        (lambda a: {**a, "frame_mask": torch.ones(2, 8, dtype=torch.bool, device="meta")}, "must be on one device"),
     ],
     ids=["rank", "odd-last-dim", "integer-x", "even-kernel", "weight-channels", "ln-shape", "lengths-shape",
-         "float-lengths", "negative-length"],
+         "float-lengths", "negative-length", "mask-shape", "mask-rank", "mask-not-a-tensor", "float-mask",
+         "mask-values", "mask-device"],
 )
 def test_bad_inputs_are_value_errors_naming_the_argument(backend, change, message):
     backend("triton")
@@ -228,16 +238,16 @@ def test_convolution_module_matches_transformers_end_to_end(backend, monkeypatch
 PARAMETERS = ("x", "conv_weight", "ln_weight", "ln_bias")
 
 
-def reference_gradients(inputs, dout, lengths=None, dtype=torch.float32):
+def reference_gradients(inputs, dout, lengths=None, dtype=torch.float32, frame_mask=None):
     """Gradients of (x, conv_weight, ln_weight, ln_bias) through the reference computed in ``dtype``."""
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
-    out = glu_depthwise_conv_reference(*leaves, EPS, lengths)
+    out = glu_depthwise_conv_reference(*leaves, EPS, lengths, frame_mask)
     return torch.autograd.grad(out, leaves, dout.to(dtype))
 
 
-def our_gradients(inputs, dout, lengths=None):
+def our_gradients(inputs, dout, lengths=None, frame_mask=None):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = glu_depthwise_conv(*leaves, EPS, lengths)
+    out = glu_depthwise_conv(*leaves, EPS, lengths, frame_mask)
     return torch.autograd.grad(out, leaves, dout)
 
 
@@ -302,12 +312,13 @@ def nan_buffers(batch, length, channels):
     return dx, dconv
 
 
-def run_backward(inputs, dout, lengths, **configs):
+def run_backward(inputs, dout, lengths, frame_mask=None, **configs):
     """The backward launcher straight, on NaN-filled dx and dconv buffers, with forced configs."""
     x, weight, ln_weight, ln_bias = inputs
-    _, mean, rstd = _launch(x, weight, ln_weight, ln_bias, EPS, lengths)
+    _, mean, rstd = _launch(x, weight, ln_weight, ln_bias, EPS, lengths, frame_mask)
     dx, dconv = nan_buffers(x.shape[0], x.shape[1], x.shape[2] // 2)
-    return _launch_backward(dout, x, weight, ln_weight, ln_bias, lengths, mean, rstd, dx=dx, dconv=dconv, **configs)
+    return _launch_backward(dout, x, weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd, dx=dx, dconv=dconv,
+                            **configs)
 
 
 NORM_CONFIGS = kernel_module.NORM_BACKWARD_CONFIGS
@@ -461,7 +472,7 @@ def test_the_backward_op_is_registered_with_torch_library():
     lengths = torch.tensor([9, 4], device=DEVICE, dtype=torch.int32)
     _, mean, rstd = _launch(*inputs, EPS, lengths)
     torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv_backward.default,
-                          (make_dout(2, 9, 24), *inputs, lengths, mean, rstd))
+                          (make_dout(2, 9, 24), *inputs, lengths, None, mean, rstd))
 
 
 def test_torch_compile_traces_forward_and_backward_through_the_kernels(backend, monkeypatch):
@@ -492,4 +503,246 @@ def test_pytorch_paths_give_the_reference_gradients(backend, name):
     lengths = torch.tensor([12, 5])
     for pname, actual, expected in zip(PARAMETERS, our_gradients(inputs, dout, lengths),
                                        reference_gradients(inputs, dout, lengths)):
+        assert torch.equal(actual, expected), pname
+
+
+# ------------------------------------------------------------------------ frame masks: left padding, holes
+# transformers' conv module zeroes every masked frame (masked_fill before pointwise_conv1, which has no bias), at any
+# position; frame_mask carries that. Every form comes with an all-real row (row 3) in the same batch.
+MASK_FORMS = ["left", "holes", "mixed"]
+
+
+def frame_mask_of(form, length):
+    """(4, length) bool masks, True at real frames."""
+    mask = torch.ones(4, length, dtype=torch.bool)
+    if form == "left":
+        mask[0, :6] = False
+        mask[1, : length - 1] = False  # one real frame, the last
+        mask[2, :1] = False
+    elif form == "holes":
+        mask[0, 3:8] = False  # a hole, then real frames again
+        mask[1, ::4] = False  # many one-frame holes, frame 0 among them
+        mask[2, 0] = False  # a hole at frame 0 alone, and right padding
+        mask[2, length - 4:] = False
+    elif form == "mixed":
+        mask[0, :4] = False  # left padding and a hole
+        mask[0, 10:12] = False
+        mask[1, length - 5:] = False  # plain right padding
+        mask[2] = False  # no real frame at all
+    return mask.to(DEVICE)
+
+
+def last_real_lengths(mask):
+    """One past each row's last real frame (what the model passes as lengths with its frame mask), on the device."""
+    return (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1)
+
+
+LENGTHS_WITH_MASK = {
+    "no-lengths": lambda mask: None,
+    "last-real": last_real_lengths,
+    # lengths cutting real frames off: a frame is zero input if either says so
+    "shorter": lambda mask: (last_real_lengths(mask) - 3).clamp_min(0),
+}
+
+
+def poisoned_at(x, zero_input):
+    """x with NaN wherever the input is zero input: a kernel that reads it there fails."""
+    return x.masked_fill(zero_input[..., None], float("nan"))
+
+
+def zero_input_frames(mask, lengths):
+    zero = ~mask
+    if lengths is not None:
+        zero |= torch.arange(mask.shape[1], device=mask.device)[None, :] >= lengths[:, None]
+    return zero
+
+
+@pytest.mark.parametrize("lengths_of", LENGTHS_WITH_MASK.values(), ids=LENGTHS_WITH_MASK.keys())
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_kernels_make_masked_frames_zero_input_at_any_position(backend, form, lengths_of):
+    """Every output row (masked ones too: the conv of their neighbours) against the reference; NaN at every
+    zero-input frame of x must not reach any output. C = 40 is not a multiple of the interpreter's chunk."""
+    backend("triton")
+    x, weight, ln_weight, ln_bias = make_inputs(4, 37, 40, 31, seed=21)
+    mask = frame_mask_of(form, 37)
+    lengths = lengths_of(mask)
+    out = glu_depthwise_conv(poisoned_at(x, zero_input_frames(mask, lengths)), weight, ln_weight, ln_bias, EPS,
+                             lengths, mask)
+    assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths, mask))
+
+
+def test_the_frame_mask_changes_exactly_the_frames_it_masks(backend):
+    """A hole is not right padding: frames after it stay real. Against the reference with the same x zeroed by hand
+    (so the reference's own masking is checked too), and against the unmasked call, which must differ."""
+    backend("triton")
+    x, weight, ln_weight, ln_bias = make_inputs(4, 25, 24, 5, seed=22)
+    mask = frame_mask_of("holes", 25)
+    out = glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS, None, mask)
+    zeroed = x.masked_fill(~mask[..., None], 0.0)
+    assert_fp32_close(out, reference_fp32(zeroed, weight, ln_weight, ln_bias))
+    unmasked = glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS)
+    assert torch.equal(out[3], unmasked[3])  # the all-real row
+    assert (out[0, 3:12] - unmasked[0, 3:12]).abs().amax() > 1e-3  # the hole and the K - 1 frames after it
+    assert torch.equal(out[0, :3], unmasked[0, :3]) and torch.equal(out[0, 12:], unmasked[0, 12:])
+
+
+@pytest.mark.parametrize("name", ["triton", "auto", "torch"])
+def test_an_integer_mask_reads_as_its_bool(backend, name):
+    """transformers' attention_mask is 0/1 int64: the same result as the bool mask on every backend."""
+    backend(name)
+    x, weight, ln_weight, ln_bias = make_inputs(4, 19, 24, 5, seed=23)
+    mask = frame_mask_of("holes", 19)
+    as_bool = glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS, None, mask)
+    for integer_mask in (mask.long(), mask.to(torch.uint8), mask.int()):
+        assert torch.equal(glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS, None, integer_mask), as_bool)
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: "T{BLOCK_T}-C{BLOCK_C}".format(**c.kwargs))
+def test_every_gpu_forward_config_with_a_frame_mask_writes_every_element(config):
+    """NaN-filled output, the holes mask's first two rows with lengths (one past the last real frame), 2 persistent
+    programs."""
+    x, weight, ln_weight, ln_bias = make_inputs(2, 37, 136, 31, seed=24)
+    mask = frame_mask_of("holes", 37)[:2]
+    lengths = last_real_lengths(mask).to(torch.int32)
+    out = torch.full((2, 37, 136), float("nan"), device=DEVICE)
+    _launch(poisoned_at(x, zero_input_frames(mask, lengths)), weight, ln_weight, ln_bias, EPS, lengths, mask,
+            out=out, config=config, programs=2)
+    assert_fp32_close(out, reference_fp32(x, weight, ln_weight, ln_bias, lengths, mask))
+
+
+@pytest.mark.parametrize("lengths_of", LENGTHS_WITH_MASK.values(), ids=LENGTHS_WITH_MASK.keys())
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_gradients_with_a_frame_mask_match_the_reference(backend, monkeypatch, form, lengths_of):
+    """Through the kernels: dx exactly 0 at every zero-input frame (a constant in transformers), NaN in x there
+    changes no gradient; dconv_weight, dln_weight, dln_bias as the reference's."""
+    backend("triton")
+    calls = []
+    real = kernel_module._launch_backward
+    monkeypatch.setattr(kernel_module, "_launch_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, weight, ln_weight, ln_bias = make_inputs(4, 29, 40, 31, seed=25)
+    mask = frame_mask_of(form, 29)
+    lengths = lengths_of(mask)
+    zero_input = zero_input_frames(mask, lengths)
+    dout = make_dout(4, 29, 40)
+    ours = our_gradients((poisoned_at(x, zero_input), weight, ln_weight, ln_bias), dout, lengths, mask)
+    assert calls, "the backward kernels did not run"
+    assert torch.equal(ours[0][zero_input], torch.zeros_like(ours[0][zero_input]))
+    expected = reference_gradients((x, weight, ln_weight, ln_bias), dout, lengths, frame_mask=mask)
+    for name, actual, wanted in zip(PARAMETERS, ours, expected):
+        assert_gradient_close(name, actual, wanted)
+
+
+@pytest.mark.parametrize("config", NORM_CONFIGS, ids=config_id)
+def test_every_gpu_config_of_the_layernorm_backward_with_a_frame_mask(config):
+    """dx and dconv start as NaN; the holes mask's first two rows, without lengths."""
+    inputs = make_inputs(2, 21, 136, 31, seed=26)
+    mask = frame_mask_of("holes", 21)[:2]
+    dout = make_dout(2, 21, 136)
+    ours = run_backward(inputs, dout, None, mask, norm_config=config, norm_programs=2)
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, frame_mask=mask)):
+        assert_gradient_close(name, actual, expected)
+
+
+@pytest.mark.parametrize("config", GLU_CONFIGS, ids=config_id)
+def test_every_gpu_config_of_the_glu_conv_backward_with_a_frame_mask(config):
+    """Two time splits of the config's BLOCK_T, a ragged last channel chunk, the left-padded mask's first two rows
+    with lengths."""
+    length = config.kwargs["BLOCK_T"] + 5
+    inputs = make_inputs(2, length, 136, 31, seed=27)
+    mask = frame_mask_of("left", length)[:2]
+    lengths = last_real_lengths(mask).to(torch.int32)
+    dout = make_dout(2, length, 136)
+    # target programs: as the right-padding test above (2 sequences × 2 chunks × 3 splits, capped at 2 splits)
+    ours = run_backward(inputs, dout, lengths, mask, glu_config=config, glu_programs=12)
+    for name, actual, expected in zip(PARAMETERS, ours, reference_gradients(inputs, dout, lengths, frame_mask=mask)):
+        assert_gradient_close(name, actual, expected)
+
+
+def conv_module_through_the_op(module, hidden, lengths, frame_mask):
+    """transformers' convolution module with its middle through our op, on the module's own parameters. The
+    LayerNorm output is not masked here: the op has to zero the masked frames itself."""
+    x = F.linear(module.layer_norm(hidden), module.pointwise_conv1.weight[:, :, 0])
+    norm = module.depthwise_layer_norm
+    y = glu_depthwise_conv(x, module.depthwise_conv.weight, norm.weight, norm.bias, norm.eps, lengths, frame_mask)
+    return F.linear(y, module.pointwise_conv2.weight[:, :, 0])
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["mask", "mask-and-lengths"])
+@pytest.mark.parametrize("form", MASK_FORMS)
+@pytest.mark.parametrize("name", ["triton", "auto", "torch"])
+def test_convolution_module_matches_transformers_with_any_mask(backend, name, form, with_lengths):
+    """Forward at every frame (masked ones too: transformers computes them the same way) and the gradients of the
+    input and of every parameter, against transformers' Wav2Vec2BertConvolutionModule fed the same mask."""
+    backend(name)
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as hf_modeling
+
+    hf_config = transformers.Wav2Vec2BertConfig(hidden_size=48, num_attention_heads=4, conv_depthwise_kernel_size=7)
+    torch.manual_seed(0)
+    hf = randomize_(hf_modeling.Wav2Vec2BertConvolutionModule(hf_config)).eval()
+    ours = copy.deepcopy(hf).to(DEVICE)
+    mask = frame_mask_of(form, 23)
+    lengths = last_real_lengths(mask) if with_lengths else None
+    hidden = torch.randn(4, 23, 48, generator=torch.Generator().manual_seed(6))
+    dout = torch.randn(4, 23, 48, generator=torch.Generator().manual_seed(7))
+
+    hidden_hf = hidden.clone().requires_grad_(True)
+    expected = hf(hidden_hf, attention_mask=mask.long().cpu())
+    expected_grads = torch.autograd.grad(expected, [hidden_hf, *hf.parameters()], dout)
+    hidden_ours = hidden.to(DEVICE).requires_grad_(True)
+    out = conv_module_through_the_op(ours, hidden_ours, lengths, mask)
+    grads = torch.autograd.grad(out, [hidden_ours, *ours.parameters()], dout.to(DEVICE))
+
+    assert_fp32_close(out.detach().cpu(), expected.detach())
+    names = ["hidden_states"] + [n for n, _ in hf.named_parameters()]
+    for pname, actual, wanted in zip(names, grads, expected_grads):
+        assert_gradient_close(pname, actual.cpu(), wanted)
+
+
+def test_torch_compile_traces_a_frame_mask_in_one_graph_forward_and_backward(backend, monkeypatch):
+    """fullgraph=True with the mask and lengths computed from it inside the graph (no host sync anywhere), and
+    AOT autograd's backward graph runs the backward kernels."""
+    backend("triton")
+    calls = []
+    real = kernel_module._launch_backward
+    monkeypatch.setattr(kernel_module, "_launch_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = make_inputs(4, 14, 24, 5, seed=28)
+    mask = frame_mask_of("holes", 14).long()  # as transformers' attention_mask
+    dout = make_dout(4, 14, 24)
+
+    def step(x, weight, ln_weight, ln_bias, attention_mask):
+        lengths = last_real_lengths(attention_mask.bool())
+        return glu_depthwise_conv(x, weight, ln_weight, ln_bias, EPS, lengths, attention_mask) * dout
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = compiled(*leaves, mask)
+    out.sum().backward()
+    assert calls, "the backward kernels did not run"
+    bool_mask = mask.bool()
+    assert_fp32_close(out.detach(), reference_fp32(*inputs, frame_mask=bool_mask) * dout)
+    for name, leaf, expected in zip(PARAMETERS, leaves, reference_gradients(inputs, dout, frame_mask=bool_mask)):
+        assert_gradient_close(name, leaf.grad, expected)
+
+
+def test_the_ops_are_registered_with_a_frame_mask():
+    """Schema, fake, autograd and aot dispatch of both ops with a frame mask (and lengths) given."""
+    inputs = make_inputs(4, 9, 24, 3, seed=29)
+    mask = frame_mask_of("mixed", 9)
+    lengths = last_real_lengths(mask).to(torch.int32)
+    torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv.default, (*inputs, EPS, lengths, mask))
+    _, mean, rstd = _launch(*inputs, EPS, lengths, mask)
+    torch.library.opcheck(torch.ops.w2vbert_fast.glu_depthwise_conv_backward.default,
+                          (make_dout(4, 9, 24), *inputs, lengths, mask, mean, rstd))
+
+
+@pytest.mark.parametrize("name", ["torch", "auto"])
+def test_pytorch_paths_with_a_frame_mask_give_the_reference(backend, name):
+    """``torch`` and ``auto`` on CPU tensors: the reference itself, forward and gradients, bit for bit."""
+    backend(name)
+    inputs = [t.cpu() for t in make_inputs(4, 12, 24, 7, seed=30)]
+    mask = frame_mask_of("holes", 12).cpu()
+    dout = make_dout(4, 12, 24).cpu()
+    for pname, actual, expected in zip(PARAMETERS, our_gradients(inputs, dout, None, mask),
+                                       reference_gradients(inputs, dout, frame_mask=mask)):
         assert torch.equal(actual, expected), pname

@@ -20,8 +20,15 @@ Backward, two kernels (conv output h, n = LayerNorm(h) before its affine, z = n�
   conv rows from x, then dz = dy·σ(z)·(1 + z·(1 − σ(z))), and writes dh = rstd·(dn − mean(dn) − n·mean(dn·n)) with
   dn = dz·γ, fp32 (B, T, C), the one intermediate; per-program partial sums of dγ = Σ dz·n and dβ = Σ dz.
 * the GLU/conv backward, over (sequence × time split, channel chunk): dGLU[s] = Σ_k w[k]·dh[s + K − 1 − k] (the
-  anti-causal conv, its K shifted dh tiles L1 hits), dx from the GLU's backward (0 at rows past the length, which
-  were zero input), and per-(sequence, split) partials of dw[k] = Σ_s GLU[s]·dh[s + K − 1 − k] from the same tiles.
+  anti-causal conv, its K shifted dh tiles L1 hits), dx from the GLU's backward (0 at the zero-input rows), and
+  per-(sequence, split) partials of dw[k] = Σ_s GLU[s]·dh[s + K − 1 − k] from the same tiles.
+
+Zero input: a row at or past its sequence's length (HAS_LENGTHS, one int per sequence) or, with HAS_FRAME_MASK, a
+row whose byte in the (B, T) frame mask is 0 — left padding and holes, at any position, as transformers'
+masked_fill before pointwise_conv1 makes them. Both flags are constexprs: right padding (lengths alone) compiles to
+the code it had before frame masks existed. With the mask, each kernel also reads one byte per input row a tile
+reads (DRAM: one byte a frame, against 2C elements of x; the row kernels re-read it per channel chunk from cache).
+The row kernels still read x at a masked frame and drop its GLU; the GLU/conv backward does not read it.
 
 The partials are reduced with torch.sum. Why Triton rather than a recompute plus PyTorch's backward (no GPU has
 timed either; DRAM bytes counted per element of (B, T, C), bf16 x): the kernels move 6 forward (x 4, y 2) and
@@ -40,18 +47,25 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import TRITON, KernelLaunch, check_lengths, dispatch, triton_interpreter_enabled, values_checkable
+from ._backend import (TRITON, KernelLaunch, check_lengths, checks_values, dispatch, triton_interpreter_enabled,
+                       values_checkable)
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
-    """PyTorch reference. x: (B, T, 2C); conv_weight: (C, 1, K); ln_weight, ln_bias: (C,); lengths: optional (B,).
+def glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths=None, frame_mask=None):
+    """PyTorch reference. x: (B, T, 2C); conv_weight: (C, 1, K); ln_weight, ln_bias: (C,); lengths: optional (B,);
+    frame_mask: optional (B, T), nonzero / True at real frames.
 
-    Positions at or past a sequence's length are zero input to the conv; output t reads inputs t-K+1 … t.
+    A frame at or past its sequence's length, or False in frame_mask, is zero input to the conv (transformers'
+    masked_fill before pointwise_conv1, which has no bias); output t reads inputs t-K+1 … t.
     """
+    real = None
     if lengths is not None:
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
-        x = x.masked_fill(~valid[..., None], 0)
+        real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    if frame_mask is not None:
+        real = frame_mask.to(x.device).bool() if real is None else real & frame_mask.to(x.device).bool()
+    if real is not None:
+        x = x.masked_fill(~real[..., None], 0)
     channels, _, kernel_size = conv_weight.shape
     h = F.glu(x, dim=-1).transpose(1, 2)  # (B, C, T)
     h = F.conv1d(F.pad(h, (kernel_size - 1, 0)), conv_weight.to(h.dtype), groups=channels)
@@ -71,11 +85,14 @@ def _scratch_per_program(block_t, block_c, channels, kernel_size):
 
 
 @triton.jit
-def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, channels, offs_t, offs_c,
-               KERNEL_SIZE: tl.constexpr, SYNC_SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, frame_mask_ptr, b, length,
+               channels, offs_t, offs_c, KERNEL_SIZE: tl.constexpr, HAS_FRAME_MASK: tl.constexpr,
+               SYNC_SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """One tile's un-normalised conv rows (fp32) into the row buffer, chunk by chunk; returns the rows' sums.
 
-    Scratch row s of the window holds the GLU of input row t0 - (K - 1) + s, for one chunk of channels."""
+    Scratch row s of the window holds the GLU of input row t0 - (K - 1) + s, for one chunk of channels.
+    With HAS_FRAME_MASK, frame_mask_ptr[b · length + t] is input row t's byte of the (B, T) frame mask (0: zero
+    input; int32 offsets: B · T bytes stay far below 2^31, x being 2C times larger)."""
     WINDOW_CHUNKS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T
     num_chunks = tl.cdiv(channels, BLOCK_C)
     row_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -94,7 +111,16 @@ def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_le
             x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
             value = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
             gate = tl.load(x_rows + channels, mask=mask, other=0.0).to(tl.float32)
-            tl.store(window_tile + part * BLOCK_T * BLOCK_C, value * tl.sigmoid(gate))
+            # (the address before the GLU: the order the code had before frame masks, so flag-off code is identical)
+            window_rows = window_tile + part * BLOCK_T * BLOCK_C
+            glu = value * tl.sigmoid(gate)
+            if HAS_FRAME_MASK:
+                # a masked frame (a hole, left padding) is zero input too. Its byte is read beside x (one byte a
+                # row, per channel chunk: cache hits after the first) and applied after the GLU (a NaN there is
+                # dropped): masking the x loads with it instead made ptxas spill (sm_80 LayerNorm backward, bf16)
+                real = tl.load(frame_mask_ptr + b * length + rows, mask=row_valid, other=0) != 0
+                glu = tl.where(real[:, None], glu, 0.0)
+            tl.store(window_rows, glu)
         if SYNC_SCRATCH:
             tl.debug_barrier()  # the window is visible to every thread of the program
 
@@ -111,10 +137,10 @@ def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_le
 
 @triton.jit
 def _glu_depthwise_conv_kernel(
-    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, out_ptr, mean_ptr, rstd_ptr, scratch_ptr,
-    stride_xb, stride_xt, stride_ob, stride_ot,
+    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, frame_mask_ptr, out_ptr, mean_ptr, rstd_ptr,
+    scratch_ptr, stride_xb, stride_xt, stride_ob, stride_ot,
     batch, length, channels, eps, scratch_stride,
-    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
+    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FRAME_MASK: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only (see the configs)
 ):
@@ -138,8 +164,9 @@ def _glu_depthwise_conv_kernel(
         if HAS_LENGTHS:
             seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
         x_base = x_ptr + b.to(tl.int64) * stride_xb
-        row_sum = _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, channels,
-                             offs_t, offs_c, KERNEL_SIZE, SYNC_SCRATCH, BLOCK_T, BLOCK_C)
+        row_sum = _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, frame_mask_ptr,
+                             b, length, channels, offs_t, offs_c, KERNEL_SIZE, HAS_FRAME_MASK, SYNC_SCRATCH, BLOCK_T,
+                             BLOCK_C)
 
         # the centred variance (two-pass: conv rows can have a mean large against their spread)
         mean = row_sum / channels
@@ -190,11 +217,11 @@ def _swish_layer_norm_backward(conv_chunk, mean, rstd, ln_weight_ptr, ln_bias_pt
 
 @triton.jit
 def _conv_norm_backward_kernel(
-    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, mean_ptr, rstd_ptr, dout_ptr, dconv_ptr,
-    dnorm_partial_ptr, scratch_ptr,
+    x_ptr, weight_ptr, ln_weight_ptr, ln_bias_ptr, lengths_ptr, frame_mask_ptr, mean_ptr, rstd_ptr, dout_ptr,
+    dconv_ptr, dnorm_partial_ptr, scratch_ptr,
     stride_xb, stride_xt, stride_db, stride_dt,
     batch, length, channels, scratch_stride,
-    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
+    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FRAME_MASK: tl.constexpr, SYNC_SCRATCH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only (see the configs)
 ):
@@ -222,7 +249,8 @@ def _conv_norm_backward_kernel(
         if HAS_LENGTHS:
             seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
         _conv_rows(x_ptr + b.to(tl.int64) * stride_xb, stride_xt, weight_ptr, window_tile, conv_tile, t0,
-                   seq_length, channels, offs_t, offs_c, KERNEL_SIZE, SYNC_SCRATCH, BLOCK_T, BLOCK_C)
+                   seq_length, frame_mask_ptr, b, length, channels, offs_t, offs_c, KERNEL_SIZE, HAS_FRAME_MASK,
+                   SYNC_SCRATCH, BLOCK_T, BLOCK_C)
         rows = t0 + offs_t
         row_valid = rows < length
         stats_offset = b.to(tl.int64) * length + rows
@@ -265,10 +293,11 @@ def _conv_norm_backward_kernel(
 
 @triton.jit
 def _glu_conv_backward_kernel(
-    x_ptr, weight_ptr, lengths_ptr, dconv_ptr, dx_ptr, dweight_partial_ptr,
+    x_ptr, weight_ptr, lengths_ptr, frame_mask_ptr, dconv_ptr, dx_ptr, dweight_partial_ptr,
     stride_xb, stride_xt, stride_dxb, stride_dxt,
     length, channels, splits, rows_per_split,
-    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC_PARTIALS: tl.constexpr,
+    KERNEL_SIZE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FRAME_MASK: tl.constexpr,
+    SYNC_PARTIALS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (b · splits + split, chunk) walks input rows [split · rows_per_split, + rows_per_split) of sequence b
@@ -290,11 +319,19 @@ def _glu_conv_backward_kernel(
     partial = dweight_partial_ptr + pid.to(tl.int64) * KERNEL_SIZE * channels + cols
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, length)
+    if HAS_FRAME_MASK:
+        # the step's mask bytes at mask_rows + s0: these pointers are loop-invariant, where rebuilding them from
+        # rows each step made ptxas spill offs_t (triton 3.6, sm_80, 16 × 64 on 4 warps)
+        mask_rows = frame_mask_ptr + b * length + offs_t
 
     for s0 in range(start, end, BLOCK_T):
         rows = s0 + offs_t
-        # rows at or past the length were zero input: their GLU is 0 and no gradient reaches x there
-        in_valid = (rows < seq_length)[:, None] & c_valid[None, :]
+        # rows at or past the length, and masked frames, were zero input: their GLU is 0 and no gradient reaches x
+        # there (transformers' masked_fill makes them a constant)
+        real = rows < seq_length
+        if HAS_FRAME_MASK:
+            real &= tl.load(mask_rows + s0, mask=real, other=0) != 0  # a byte per row
+        in_valid = real[:, None] & c_valid[None, :]
         x_rows = x_base + rows[:, None].to(tl.int64) * stride_xt + cols[None, :]
         value = tl.load(x_rows, mask=in_valid, other=0.0).to(tl.float32)
         gate_sig = tl.sigmoid(tl.load(x_rows + channels, mask=in_valid, other=0.0).to(tl.float32))
@@ -390,6 +427,12 @@ def _kernel_layout(x, conv_weight):
     return x, conv_weight.reshape(channels, kernel_size).t().contiguous()
 
 
+def _kernel_frame_mask(frame_mask):
+    """The bool (B, T) frame mask as the kernels read it, one byte a frame: contiguous uint8 (a view, no copy, of a
+    contiguous mask); None stays None (HAS_FRAME_MASK off: the pointer argument is a constexpr None)."""
+    return None if frame_mask is None else frame_mask.contiguous().view(torch.uint8)
+
+
 def _chosen(tuned, config):
     """(kernel to call, the configs it may run, keywords to add): the autotuner and its configs, or, for a forced
     ``config`` (a triton.Config), the plain JIT function with that config's meta-parameters and launch options."""
@@ -420,10 +463,11 @@ def _row_launch(tuned, x, channels, kernel_size, config, programs, sm_count):
     return kernel, lambda meta: (programs_for(meta),), extra, scratch, scratch_stride, max_programs
 
 
-def _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out, config, programs, sm_count):
+def _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask, out, config, programs, sm_count):
     """(kernel, grid, keyword arguments, (out, mean, rstd)) of the forward; ``_launch`` runs it, LAUNCH_META
     describes it."""
     x, weight = _kernel_layout(x, conv_weight)
+    frame_mask = _kernel_frame_mask(frame_mask)
     batch, length, two_channels = x.shape
     channels, kernel_size = two_channels // 2, weight.shape[0]
     if out is None:
@@ -434,21 +478,21 @@ def _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out, confi
         _forward_tuned, x, channels, kernel_size, config, programs, sm_count)
     args = dict(
         x_ptr=x, weight_ptr=weight, ln_weight_ptr=ln_weight, ln_bias_ptr=ln_bias,
-        lengths_ptr=lengths if lengths is not None else x, out_ptr=out, mean_ptr=mean, rstd_ptr=rstd,
-        scratch_ptr=scratch, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_ob=out.stride(0),
+        lengths_ptr=lengths if lengths is not None else x, frame_mask_ptr=frame_mask, out_ptr=out, mean_ptr=mean,
+        rstd_ptr=rstd, scratch_ptr=scratch, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_ob=out.stride(0),
         stride_ot=out.stride(1), batch=batch, length=length, channels=channels, eps=float(eps),
         scratch_stride=scratch_stride, KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None,
-        SYNC_SCRATCH=_sync_scratch(), **extra,
+        HAS_FRAME_MASK=frame_mask is not None, SYNC_SCRATCH=_sync_scratch(), **extra,
     )
     return kernel, grid, args, (out, mean, rstd)
 
 
-def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out=None, config=None, programs=None):
-    """The forward: returns (out (B, T, C) in x's dtype, mean, rstd (B, T) fp32). ``out``: a preallocated buffer
-    (tests pass one filled with NaN); ``config``: a triton.Config to force instead of the autotuned one (tests run
-    every candidate); ``programs``: a persistent program count to force."""
-    kernel, grid, args, outputs = _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, out, config,
-                                                  programs, _sm_count(x))
+def _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask=None, out=None, config=None, programs=None):
+    """The forward: returns (out (B, T, C) in x's dtype, mean, rstd (B, T) fp32). ``frame_mask``: None or (B, T)
+    bool; ``out``: a preallocated buffer (tests pass one filled with NaN); ``config``: a triton.Config to force
+    instead of the autotuned one (tests run every candidate); ``programs``: a persistent program count to force."""
+    kernel, grid, args, outputs = _forward_launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask, out,
+                                                  config, programs, _sm_count(x))
     kernel[grid](**args)
     return outputs
 
@@ -464,11 +508,12 @@ def _time_splits(batch, length, channels, configs, target_programs):
     return triton.cdiv(length, rows_per_split), rows_per_split
 
 
-def _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx, dconv, norm_config,
-                       glu_config, norm_programs, glu_programs, sm_count):
+def _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd, dx, dconv,
+                       norm_config, glu_config, norm_programs, glu_programs, sm_count):
     """The backward's two launches, [(kernel, grid, keyword arguments)]: the LayerNorm backward, then the GLU/conv
     backward that reads its dconv; ``_launch_backward`` runs them, LAUNCH_META describes them."""
     x, weight = _kernel_layout(x, conv_weight)
+    frame_mask = _kernel_frame_mask(frame_mask)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     batch, length, two_channels = x.shape
@@ -483,28 +528,30 @@ def _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, 
         _norm_backward_tuned, x, channels, kernel_size, norm_config, norm_programs, sm_count)
     norm_backward = (kernel, grid, dict(
         x_ptr=x, weight_ptr=weight, ln_weight_ptr=ln_weight, ln_bias_ptr=ln_bias, lengths_ptr=lengths_arg,
-        mean_ptr=mean, rstd_ptr=rstd, dout_ptr=dout, dconv_ptr=dconv,
+        frame_mask_ptr=frame_mask, mean_ptr=mean, rstd_ptr=rstd, dout_ptr=dout, dconv_ptr=dconv,
         dnorm_partial_ptr=torch.zeros(max_programs, 2, channels, device=x.device, dtype=torch.float32),
         scratch_ptr=scratch, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_db=dout.stride(0),
         stride_dt=dout.stride(1), batch=batch, length=length, channels=channels, scratch_stride=scratch_stride,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_SCRATCH=_sync_scratch(), **extra,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, HAS_FRAME_MASK=frame_mask is not None,
+        SYNC_SCRATCH=_sync_scratch(), **extra,
     ))
 
     kernel, configs, extra = _chosen(_glu_backward_tuned, glu_config)
     target = glu_programs if glu_programs is not None else GLU_BACKWARD_PROGRAMS_PER_SM * sm_count
     splits, rows_per_split = _time_splits(batch, length, channels, configs, target)
     glu_backward = (kernel, lambda meta: (batch * splits, triton.cdiv(channels, meta["BLOCK_C"])), dict(
-        x_ptr=x, weight_ptr=weight, lengths_ptr=lengths_arg, dconv_ptr=dconv, dx_ptr=dx,
+        x_ptr=x, weight_ptr=weight, lengths_ptr=lengths_arg, frame_mask_ptr=frame_mask, dconv_ptr=dconv, dx_ptr=dx,
         # one (K, C) slab per (sequence, split): a program writes only its own chunk's columns of it
         dweight_partial_ptr=torch.zeros(batch * splits, kernel_size, channels, device=x.device, dtype=torch.float32),
         stride_xb=x.stride(0), stride_xt=x.stride(1), stride_dxb=dx.stride(0), stride_dxt=dx.stride(1),
         length=length, channels=channels, splits=splits, rows_per_split=rows_per_split,
-        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, SYNC_PARTIALS=_sync_scratch(), **extra,
+        KERNEL_SIZE=kernel_size, HAS_LENGTHS=lengths is not None, HAS_FRAME_MASK=frame_mask is not None,
+        SYNC_PARTIALS=_sync_scratch(), **extra,
     ))
     return [norm_backward, glu_backward]
 
 
-def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx=None, dconv=None,
+def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd, dx=None, dconv=None,
                      norm_config=None, glu_config=None, norm_programs=None, glu_programs=None):
     """Gradients of x (B, T, 2C, x's dtype), conv_weight, ln_weight, ln_bias (each in its own dtype).
 
@@ -513,8 +560,8 @@ def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rs
     dweight partials. ``dx``/``dconv``: preallocated buffers (tests fill them with NaN); ``norm_config``,
     ``glu_config``: triton.Configs to force; ``norm_programs``: as ``_launch``'s ``programs``; ``glu_programs``: the
     program count the GLU backward's time splits aim at, instead of GLU_BACKWARD_PROGRAMS_PER_SM × the SM count."""
-    launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd, dx, dconv,
-                                  norm_config, glu_config, norm_programs, glu_programs, _sm_count(x))
+    launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd, dx,
+                                  dconv, norm_config, glu_config, norm_programs, glu_programs, _sm_count(x))
     for kernel, grid, args in launches:
         kernel[grid](**args)
     (_, _, norm_args), (_, _, glu_args) = launches
@@ -531,13 +578,13 @@ def _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rs
 @torch.library.custom_op("w2vbert_fast::glu_depthwise_conv", mutates_args=())
 def _glu_depthwise_conv_op(
     x: torch.Tensor, conv_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-    lengths: Optional[torch.Tensor],
+    lengths: Optional[torch.Tensor], frame_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths)
+    return _launch(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask)
 
 
 @_glu_depthwise_conv_op.register_fake
-def _(x, conv_weight, ln_weight, ln_bias, eps, lengths):
+def _(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask):
     batch, length = x.shape[:2]
     stats = x.new_empty(batch, length, dtype=torch.float32)
     return x.new_empty(batch, length, x.shape[2] // 2), stats, torch.empty_like(stats)
@@ -546,37 +593,51 @@ def _(x, conv_weight, ln_weight, ln_bias, eps, lengths):
 @torch.library.custom_op("w2vbert_fast::glu_depthwise_conv_backward", mutates_args=())
 def _glu_depthwise_conv_backward_op(
     dout: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    lengths: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+    lengths: Optional[torch.Tensor], frame_mask: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd)
+    return _launch_backward(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd)
 
 
 @_glu_depthwise_conv_backward_op.register_fake
-def _(dout, x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd):
+def _(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd):
     # contiguous, as the launcher allocates them (empty_like would copy a permuted x's strides)
     return tuple(t.new_empty(t.shape) for t in (x, conv_weight, ln_weight, ln_bias))
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, ln_weight, ln_bias, _, lengths = inputs
+    x, conv_weight, ln_weight, ln_bias, _, lengths, frame_mask = inputs
     _, mean, rstd = output
-    # O(B·T·C): the input and two floats a row; the conv rows are recomputed in the backward
-    ctx.save_for_backward(x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd)
+    # O(B·T·C): the input and two floats (and the mask's byte) a row; the conv rows are recomputed in the backward
+    ctx.save_for_backward(x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dout, _dmean, _drstd):
-    x, conv_weight, ln_weight, ln_bias, lengths, mean, rstd = ctx.saved_tensors
+    x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, mean, rstd = ctx.saved_tensors
     dx, dweight, dgamma, dbeta = _glu_depthwise_conv_backward_op(dout, x, conv_weight, ln_weight, ln_bias, lengths,
-                                                                 mean, rstd)
-    return dx, dweight, dgamma, dbeta, None, None
+                                                                 frame_mask, mean, rstd)
+    return dx, dweight, dgamma, dbeta, None, None, None
 
 
 _glu_depthwise_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
-def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths):
+def _check_frame_mask(frame_mask, batch, length):
+    """frame_mask: a (B, T) bool or 0/1 integer tensor; its values are checked where that costs no device sync
+    (unchecked, any nonzero value is a real frame, as transformers' ``attention_mask.bool()`` reads it)."""
+    if not isinstance(frame_mask, torch.Tensor) or tuple(frame_mask.shape) != (batch, length):
+        shape = tuple(frame_mask.shape) if isinstance(frame_mask, torch.Tensor) else type(frame_mask).__name__
+        raise ValueError(f"frame_mask must be a (batch, time) = ({batch}, {length}) tensor, got {shape}")
+    if frame_mask.dtype.is_floating_point or frame_mask.dtype.is_complex:
+        raise ValueError(f"frame_mask must be a bool or 0/1 integer tensor, got {frame_mask.dtype}")
+    if frame_mask.dtype != torch.bool and frame_mask.numel() and checks_values(frame_mask):
+        values = frame_mask.unique()
+        if ((values != 0) & (values != 1)).any():
+            raise ValueError(f"frame_mask must hold only 0 and 1, got the values {values.tolist()[:8]}")
+
+
+def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths, frame_mask):
     for name, t in (("x", x), ("conv_weight", conv_weight), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -600,42 +661,52 @@ def _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths):
         # (unchecked on a GPU, a negative length means no real frame, as 0 does, in the kernel and the reference)
         if values_checkable(lengths) and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be non-negative, got {lengths.tolist()}")
+    if frame_mask is not None:
+        _check_frame_mask(frame_mask, *x.shape[:2])
+        devices.add(frame_mask.device)
     if len(devices) > 1:
-        raise ValueError("x, conv_weight, ln_weight, ln_bias and lengths must be on one device, "
+        raise ValueError("x, conv_weight, ln_weight, ln_bias, lengths and frame_mask must be on one device, "
                          f"got {sorted(map(str, devices))}")
 
 
-def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None):
+def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None, frame_mask=None):
     """swish(LayerNorm(causal_depthwise_conv(GLU(x)))) over the channel-last (B, T, 2C) x; returns (B, T, C).
 
     x: (B, T, 2C), the output of pointwise_conv1 (value half first, gate half second, as ``F.glu``);
     conv_weight: (C, 1, K), K odd; ln_weight, ln_bias: (C,), eps: the depthwise LayerNorm's; lengths: optional (B,)
-    integer lengths: positions at or past a sequence's length are zero input to the conv (rows past the length are
-    still computed, as transformers does). Math in fp32; the result in x's dtype.
+    integer lengths; frame_mask: optional (B, T) bool or 0/1 integer, True / 1 at real frames (transformers'
+    attention_mask). Frame t of sequence b is zero input to the GLU and the conv iff t >= lengths[b] (lengths given)
+    or not frame_mask[b, t] (frame_mask given): left padding and holes as well as right padding, as transformers'
+    ``masked_fill`` before pointwise_conv1 (no bias) makes them. Every output row is still computed, masked ones
+    too (the conv of their neighbours, as transformers does). Both may be given: lengths one past the last real
+    frame, frame_mask for the holes before it. Math in fp32; the result in x's dtype.
 
-    Differentiable with respect to x, conv_weight, ln_weight and ln_bias on every backend; the kernels run forward
-    and backward (saving x and two floats a row, nothing else). Under torch.autocast x may be half precision while
+    Differentiable with respect to x, conv_weight, ln_weight and ln_bias on every backend (dx is 0 at a zero-input
+    frame); the kernels run forward and backward (saving x and two floats a row, and the mask, nothing else). Under torch.autocast x may be half precision while
     the weights stay fp32: each gradient comes back in its input's dtype. T = 0 gives an empty (B, 0, C) result.
 
     Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels (fp64 on a GPU: the
     reference, no compiled config is checked for it); ``auto`` on CPU tensors and ``torch`` the reference, which is
-    the CPU's fast path too. lengths' values are checked where that costs no device sync; the kernels clamp them.
+    the CPU's fast path too. lengths' and frame_mask's values are checked where that costs no device sync; the
+    kernels clamp lengths, and read any nonzero frame_mask value as a real frame.
     """
-    _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths)
+    _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths, frame_mask)
     if x.numel() == 0:
         # nothing to convolve (F.conv1d would reject the padded empty sequence); still connected to x for autograd
         return F.glu(x, dim=-1)
     if dispatch(x, conv_weight) == TRITON:
         if lengths is not None:
             lengths = lengths.to(torch.int32)
-        return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths)[0]
+        if frame_mask is not None and frame_mask.dtype != torch.bool:
+            frame_mask = frame_mask != 0  # on the device; the kernels read the bool mask's bytes
+        return _glu_depthwise_conv_op(x, conv_weight, ln_weight, ln_bias, float(eps), lengths, frame_mask)[0]
     # FAST and REFERENCE alike run the reference: on a CPU it is the fast path too. At the model's size (B = 1,
     # T = 1500, C = 1024, K = 31, fp32, lengths given) it takes 34 ms on 1 thread and 17 ms on 2 (best of 40, on the
     # shared 2-core development machine). Rewrites in plain PyTorch were no faster: the GLU made contiguous first
     # 37 / 17 ms, written into a pre-padded buffer 38 / 19, the conv's own padding then a slice 73 / 38, the conv as
     # 31 shifted multiply-adds over channel-last rows 197 / 41. Masking after the GLU (half the bytes) took 31 / 15,
     # within the machine's noise, and would let a NaN in a padded gate reach dx.
-    return glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths)
+    return glu_depthwise_conv_reference(x, conv_weight, ln_weight, ln_bias, eps, lengths, frame_mask)
 
 
 # --------------------------------------------------------------------------------------------- LAUNCH_META
@@ -645,15 +716,17 @@ _EXAMPLE_SM_COUNT = 132
 _EXAMPLE_EPS = 1e-5  # the model's layer_norm_eps
 
 
-def _example_inputs(shape, dtype):
+def _example_inputs(shape, dtype, with_frame_mask):
     """Meta tensors as the op gets them for one of the compile check's shapes (channels = heads · head_dim, the
-    model's hidden size): x, conv_weight, ln_weight, ln_bias in ``dtype``; int32 lengths, as dispatch passes them."""
+    model's hidden size): x, conv_weight, ln_weight, ln_bias in ``dtype``; int32 lengths, as dispatch passes them;
+    a (B, T) bool frame mask or None."""
     t, (batch, length) = getattr(torch, dtype), (shape["batch"], shape["length"])
     channels = shape["heads"] * shape["head_dim"]
     meta = dict(device="meta", dtype=t)
+    frame_mask = torch.empty(batch, length, device="meta", dtype=torch.bool) if with_frame_mask else None
     return (torch.empty(batch, length, 2 * channels, **meta), torch.empty(channels, 1, shape["kernel_size"], **meta),
             torch.empty(channels, **meta), torch.empty(channels, **meta),
-            torch.empty(batch, device="meta", dtype=torch.int32))
+            torch.empty(batch, device="meta", dtype=torch.int32), frame_mask)
 
 
 def _described(args):
@@ -661,30 +734,39 @@ def _described(args):
     return {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in args.items()}
 
 
-def _forward_example(shape, dtype):
-    x, conv_weight, ln_weight, ln_bias, lengths = _example_inputs(shape, dtype)
-    return _described(_forward_launch(x, conv_weight, ln_weight, ln_bias, _EXAMPLE_EPS, lengths, None, None, None,
-                                      _EXAMPLE_SM_COUNT)[2])
-
-
-def _backward_example(which):
+def _forward_example(with_frame_mask):
     def example(shape, dtype):
-        x, conv_weight, ln_weight, ln_bias, lengths = _example_inputs(shape, dtype)
+        x, conv_weight, ln_weight, ln_bias, lengths, frame_mask = _example_inputs(shape, dtype, with_frame_mask)
+        return _described(_forward_launch(x, conv_weight, ln_weight, ln_bias, _EXAMPLE_EPS, lengths, frame_mask,
+                                          None, None, None, _EXAMPLE_SM_COUNT)[2])
+
+    return example
+
+
+def _backward_example(which, with_frame_mask):
+    def example(shape, dtype):
+        x, conv_weight, ln_weight, ln_bias, lengths, frame_mask = _example_inputs(shape, dtype, with_frame_mask)
         stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
         dout = x.new_empty(*x.shape[:2], x.shape[2] // 2)
-        launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, stats, stats, None, None,
-                                      None, None, None, None, _EXAMPLE_SM_COUNT)
+        launches = _backward_launches(dout, x, conv_weight, ln_weight, ln_bias, lengths, frame_mask, stats, stats,
+                                      None, None, None, None, None, None, _EXAMPLE_SM_COUNT)
         return _described(launches[which][2])
 
     return example
 
 
-# the kernels compute in fp32 whatever the input dtype: no fp64 anywhere, no local memory
+# Each kernel twice: as the model launches it for right padding (lengths alone, HAS_FRAME_MASK off: the code of
+# before frame masks existed) and with a frame mask (left padding, holes), keyed "<kernel>+frame_mask". The kernels
+# compute in fp32 whatever the input dtype: no fp64 anywhere, no local memory.
+_EXPECT = ("no_fp64", "no_local")
 LAUNCH_META = {
-    "_glu_depthwise_conv_kernel": KernelLaunch(_forward_tuned, _forward_example, lambda dtype: FORWARD_CONFIGS,
-                                               expect=("no_fp64", "no_local")),
-    "_conv_norm_backward_kernel": KernelLaunch(_norm_backward_tuned, _backward_example(0),
-                                               lambda dtype: NORM_BACKWARD_CONFIGS, expect=("no_fp64", "no_local")),
-    "_glu_conv_backward_kernel": KernelLaunch(_glu_backward_tuned, _backward_example(1),
-                                              lambda dtype: GLU_BACKWARD_CONFIGS, expect=("no_fp64", "no_local")),
+    f"{name}{suffix}": KernelLaunch(kernel, example(with_frame_mask), configs, expect=_EXPECT)
+    for suffix, with_frame_mask in (("", False), ("+frame_mask", True))
+    for name, kernel, example, configs in (
+        ("_glu_depthwise_conv_kernel", _forward_tuned, _forward_example, lambda dtype: FORWARD_CONFIGS),
+        ("_conv_norm_backward_kernel", _norm_backward_tuned, lambda mask: _backward_example(0, mask),
+         lambda dtype: NORM_BACKWARD_CONFIGS),
+        ("_glu_conv_backward_kernel", _glu_backward_tuned, lambda mask: _backward_example(1, mask),
+         lambda dtype: GLU_BACKWARD_CONFIGS),
+    )
 }
