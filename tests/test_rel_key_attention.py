@@ -161,7 +161,8 @@ def test_fp64_on_a_gpu_runs_the_reference_not_an_unchecked_kernel_config(monkeyp
     monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
     ran = []
     real = kernel_module._rel_key_attention_op
-    monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: ran.append(args[-1]) or real(*args))
+    # args[9]: the op's ``implementation`` (key_mask follows it)
+    monkeypatch.setattr(kernel_module, "_rel_key_attention_op", lambda *args: ran.append(args[9]) or real(*args))
     out = rel_key_attention(q, k, v, table, 3, 5, 0.25)
     assert ran == []  # the literal reference, not the op
     assert torch.allclose(out, rel_key_attention_reference(q, k, v, table, 3, 5, 0.25))

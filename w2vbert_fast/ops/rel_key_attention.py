@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import (REFERENCE, TRITON, KernelLaunch, check_lengths, dispatch, triton_interpreter_enabled,
-                       values_checkable)
+from ._backend import (REFERENCE, TRITON, KernelLaunch, check_lengths, checks_values, dispatch,
+                       triton_interpreter_enabled, values_checkable)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -156,7 +156,8 @@ def _relative_bias(table_rows, relative, edge, left, right, KIND: tl.constexpr):
 @triton.jit
 def _band_loop(STEP: tl.constexpr, state, context, start, extent, reach_back, reach_ahead, OWN: tl.constexpr,
                BLOCK: tl.constexpr, BEHIND: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               HAS_KEY_MASK: tl.constexpr):
     """``state = STEP(state, context, block_start, KIND, BLOCK, ...)`` over the blocks of BLOCK rows of the other
     operand (the first ``extent`` rows: blocks past a sequence's length are skipped, not masked) that the program's
     OWN rows from ``start`` meet. Three ranges partition them: the blocks that straddle the band first (KIND _BAND),
@@ -169,12 +170,25 @@ def _band_loop(STEP: tl.constexpr, state, context, start, extent, reach_back, re
     band_start = tl.minimum(tl.maximum(start - reach_back + 1, 0) // BLOCK, num_blocks)
     band_end = tl.maximum(tl.minimum((start + OWN - 1 + reach_ahead + BLOCK - 1) // BLOCK, num_blocks), band_start)
     for block in range(band_start, band_end):
-        state = STEP(state, context, block * BLOCK, _BAND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+        state = STEP(state, context, block * BLOCK, _BAND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION,
+                     HAS_KEY_MASK)
     for block in range(0, band_start):
-        state = STEP(state, context, block * BLOCK, BEHIND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+        state = STEP(state, context, block * BLOCK, BEHIND, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION,
+                     HAS_KEY_MASK)
     for block in range(band_end, num_blocks):
-        state = STEP(state, context, block * BLOCK, AHEAD, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+        state = STEP(state, context, block * BLOCK, AHEAD, BLOCK, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION,
+                     HAS_KEY_MASK)
     return state
+
+
+@triton.jit
+def _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK: tl.constexpr):
+    """Which keys ``offs_n`` are attended: before the sequence's length and, with a key mask, marked real in it (one
+    byte per frame)."""
+    key_valid = offs_n < key_length
+    if HAS_KEY_MASK:
+        key_valid = key_valid & (tl.load(mask_base + offs_n, mask=key_valid, other=0) != 0)
+    return key_valid
 
 
 @triton.jit
@@ -190,14 +204,15 @@ def _key_block_scores(q, k, offs_m, offs_n, table_rows, bias_first, bias_last, l
 
 @triton.jit
 def _attend_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HAS_KEY_MASK: tl.constexpr):
     """Forward: one step of the online softmax over keys [start_n, start_n + BLOCK_N). state: (acc, m_i, l_i)."""
     acc, m_i, l_i = state
-    (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, key_length, stride_kl, stride_vl, left, right,
-     qk_scale) = context
+    (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, mask_base, key_length, stride_kl, stride_vl, left,
+     right, qk_scale) = context
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # (the mask before the loads: where it is used instead, ptxas on triton 3.6 takes 1-23 registers more on sm_90a)
-    key_valid = offs_n < key_length
+    key_valid = _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK)
     # keys past the length read the last valid key: finite, and their probability is set to 0 below
     rows = tl.minimum(offs_n, key_length - 1)
     k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
@@ -216,7 +231,7 @@ def _attend_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, key_mask_ptr, out_ptr, lse_ptr,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -224,8 +239,8 @@ def _forward_kernel(
     length, heads, left, right, qk_scale,
     LENGTH_BUCKET,  # next power of two of length: the autotune key, so ragged bulk jobs do not retune per length
     HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch_head, b, h = _batch_and_head(heads)
@@ -244,29 +259,51 @@ def _forward_kernel(
 
     k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh)
     v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh)
+    mask_base = key_mask_ptr + b.to(tl.int64) * length
     q = _load_tile(_head_base(q_ptr, b, h, stride_qb, stride_qh), offs_m, stride_ql, row_in, BLOCK_D, HEAD_DIM)
     table_rows, bias_first, bias_last = _table_block(_head_base(table_ptr, b, h, stride_tb, stride_th), offs_m, length,
                                                      stride_tl, NUM_DISTANCES)
-    context = (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, key_length, stride_kl, stride_vl, left,
-               right, qk_scale)
-    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+    context = (q, offs_m, table_rows, bias_first, bias_last, k_base, v_base, mask_base, key_length, stride_kl,
+               stride_vl, left, right, qk_scale)
+    if HAS_KEY_MASK:
+        # A key block may be wholly masked for every row (holes), the first one processed included: a finite start
+        # keeps the running max finite through such blocks (alpha = 1, p = 0) where -inf would give
+        # exp2(-inf + inf) = NaN; the first real score then wipes it (alpha = 0).
+        m_start = -1.0e30
+    else:
+        # The band's blocks come first: the first of them holds a valid key (band_start < the block count when the
+        # band is not empty; block 0 otherwise), seen by every row, so the running max is finite from the first
+        # step on.
+        m_start = float("-inf")
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.full([BLOCK_M], m_start, dtype=tl.float32),
              tl.zeros([BLOCK_M], dtype=tl.float32))
-    # The band's blocks come first: the first of them holds a valid key (band_start < the block count when the band
-    # is not empty; block 0 otherwise), seen by every row, so the running max is finite from the first step on.
     acc, m_i, l_i = _band_loop(_attend_key_block, state, context, start_m, key_length, left, right, BLOCK_M,
-                               BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+                               BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION, HAS_KEY_MASK)
 
-    out = acc / l_i[:, None]
-    if ZERO_PADDED_QUERIES:
-        out = tl.where(offs_m[:, None] < key_length, out, 0.0)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     # natural log of Σ_j exp(scaled score): m_i and l_i are in base 2
-    tl.store(lse_ptrs, ((m_i + tl.math.log2(l_i)) * 0.6931471805599453).to(lse_ptr.dtype.element_ty), mask=row_in)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    if HAS_KEY_MASK:
+        # a row with no real key (the caller's error) sums nothing: output 0, and lse +inf so that the backward's
+        # P = exp(s - lse) is 0 there; with zero_padded_queries the same for the rows that are not real
+        has_key = l_i > 0.0
+        real = offs_m < key_length
+        if ZERO_PADDED_QUERIES:
+            real = real & (tl.load(mask_base + offs_m, mask=row_in, other=0) != 0)
+            has_key = has_key & real
+        out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has_key, lse, float("inf"))
+    else:
+        out = acc / l_i[:, None]
+        if ZERO_PADDED_QUERIES:
+            out = tl.where(offs_m[:, None] < key_length, out, 0.0)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(lse_ptrs, lse.to(lse_ptr.dtype.element_ty), mask=row_in)
 
 
 @triton.jit
 def _dkdv_query_block(state, context, start_m, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HAS_KEY_MASK: tl.constexpr):
     """dK/dV pass: queries [start_m, start_m + BLOCK_M)'s share of one key block's dk and dv (transposed tiles: keys
     along rows). state: (dk, dv)."""
     dk, dv = state
@@ -274,6 +311,7 @@ def _dkdv_query_block(state, context, start_m, KIND: tl.constexpr, BLOCK_M: tl.c
      stride_dol, stride_tl, left, right, qk_scale) = context
     offs_m = start_m + tl.arange(0, BLOCK_M)
     # rows that carry a gradient; the rest get lse = +inf, so P = 0 (and dS = 0) there whatever was saved for them
+    # (with a key mask the forward saved +inf itself for masked and keyless rows)
     row_live = offs_m < query_length
     rows = tl.minimum(offs_m, length - 1)
     q = _load_rows(q_base, rows, stride_ql, BLOCK_D, HEAD_DIM)
@@ -295,7 +333,7 @@ def _dkdv_query_block(state, context, start_m, KIND: tl.constexpr, BLOCK_M: tl.c
 
 @triton.jit
 def _backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, key_mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -304,8 +342,8 @@ def _backward_dkdv_kernel(
     length, heads, left, right, scale, qk_scale,
     LENGTH_BUCKET,
     HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     batch_head, b, h = _batch_and_head(heads)
@@ -318,7 +356,8 @@ def _backward_dkdv_kernel(
         tl.store(dv_ptr + grad_offsets, tl.zeros([BLOCK_N, BLOCK_D], dtype=dv_ptr.dtype.element_ty), mask=grad_mask)
         return
 
-    key_valid = offs_n < key_length
+    # masked keys get no gradient: their P is 0 for every query
+    key_valid = _valid_keys(offs_n, key_length, key_mask_ptr + b.to(tl.int64) * length, HAS_KEY_MASK)
     k = _load_tile(_head_base(k_ptr, b, h, stride_kb, stride_kh), offs_n, stride_kl, key_valid, BLOCK_D, HEAD_DIM)
     v = _load_tile(_head_base(v_ptr, b, h, stride_vb, stride_vh), offs_n, stride_vl, key_valid, BLOCK_D, HEAD_DIM)
     context = (k, v, offs_n, key_valid, _head_base(q_ptr, b, h, stride_qb, stride_qh),
@@ -329,21 +368,23 @@ def _backward_dkdv_kernel(
     # The forward's ranges seen from a key block: query blocks wholly before it by at least right (j - i >= right)
     # read column R - 1, those wholly after it by at least left (j - i <= -left) column 0.
     dk, dv = _band_loop(_dkdv_query_block, state, context, start_n, query_length, right, left, BLOCK_N, BLOCK_M,
-                        _LAST, _FIRST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+                        _LAST, _FIRST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION, HAS_KEY_MASK)
     tl.store(dk_ptr + grad_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=grad_mask)
     tl.store(dv_ptr + grad_offsets, dv.to(dv_ptr.dtype.element_ty), mask=grad_mask)
 
 
 @triton.jit
 def _dq_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  HAS_KEY_MASK: tl.constexpr):
     """dQ pass: one key block's share of a query block's dq and of its table gradient's edge columns; band entries
     are stored straight into d_table. state: (dq, edge_first, edge_last)."""
     dq, edge_first, edge_last = state
-    (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows, k_base, v_base, key_length,
-     stride_kl, stride_vl, left, right, qk_scale) = context
+    (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows, k_base, v_base, mask_base,
+     key_length, stride_kl, stride_vl, left, right, qk_scale) = context
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    key_valid = offs_n < key_length
+    # masked keys: P = 0, so dS = 0 and their table entries stay as the launcher zeroed them
+    key_valid = _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK)
     rows = tl.minimum(offs_n, key_length - 1)
     k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
     v = _load_rows(v_base, rows, stride_vl, BLOCK_D, HEAD_DIM)
@@ -370,7 +411,7 @@ def _dq_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.const
 
 @triton.jit
 def _backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, d_table_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, key_mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, d_table_ptr,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -379,8 +420,8 @@ def _backward_dq_kernel(
     length, heads, left, right, qk_scale,
     LENGTH_BUCKET,
     HEAD_DIM: tl.constexpr, NUM_DISTANCES: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Writes dS·K (unscaled, fp32) to dq and the table gradient's edge columns and band entries to d_table."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -410,11 +451,12 @@ def _backward_dq_kernel(
                                                      NUM_DISTANCES)
     context = (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows,
                _head_base(k_ptr, b, h, stride_kb, stride_kh), _head_base(v_ptr, b, h, stride_vb, stride_vh),
-               key_length, stride_kl, stride_vl, left, right, qk_scale)
+               key_mask_ptr + b.to(tl.int64) * length, key_length, stride_kl, stride_vl, left, right, qk_scale)
     state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
              tl.zeros([BLOCK_M], dtype=tl.float32))
     dq, edge_first, edge_last = _band_loop(_dq_key_block, state, context, start_m, key_length, left, right, BLOCK_M,
-                                           BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION)
+                                           BLOCK_N, _FIRST, _LAST, BLOCK_D, HEAD_DIM, NUM_DISTANCES, DOT_PRECISION,
+                                           HAS_KEY_MASK)
     tl.store(dq_ptrs, dq, mask=dq_mask)
     if NUM_DISTANCES == 1:
         tl.store(d_table_rows, edge_first + edge_last, mask=row_in)
@@ -533,13 +575,20 @@ def _bias_table(q, distance_embedding):
     return torch.matmul(q.to(dtype), distance_embedding.to(q.dtype).to(dtype).t())
 
 
-def _common_meta(q, left, right, lengths, zero_padded_queries):
+def _common_meta(q, left, right, lengths, zero_padded_queries, key_mask=None):
     head_dim = q.shape[-1]
     return dict(
         LENGTH_BUCKET=triton.next_power_of_2(q.shape[1]), HEAD_DIM=head_dim, NUM_DISTANCES=left + right + 1,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_LENGTHS=lengths is not None,
-        ZERO_PADDED_QUERIES=bool(zero_padded_queries), DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_KEY_MASK=key_mask is not None, ZERO_PADDED_QUERIES=bool(zero_padded_queries),
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
+
+
+def _mask_bytes(key_mask):
+    """The (B, L) bool key mask as the kernels read it: one contiguous uint8 per frame (a view, no copy, when the
+    mask is contiguous)."""
+    return key_mask.contiguous().view(torch.uint8)
 
 
 def _strides(name, t):
@@ -547,18 +596,19 @@ def _strides(name, t):
     return {f"stride_{name}b": t.stride(0), f"stride_{name}l": t.stride(1), f"stride_{name}h": t.stride(2)}
 
 
-def _shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries):
+def _shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries, key_mask):
     """What every kernel takes: the inputs, the table, the sizes and the constexprs (all but a config's)."""
     return dict(q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=table, lengths_ptr=lengths if lengths is not None else q,
+                key_mask_ptr=_mask_bytes(key_mask) if key_mask is not None else q,
                 **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("t", table),
                 length=q.shape[1], heads=q.shape[2], left=left, right=right, qk_scale=scale * _LOG2E,
-                **_common_meta(q, left, right, lengths, zero_padded_queries))
+                **_common_meta(q, left, right, lengths, zero_padded_queries, key_mask))
 
 
 def _forward_arguments(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None,
-                       lse=None):
+                       lse=None, key_mask=None):
     """The forward kernel's arguments by name. ``out``/``lse``: preallocated buffers (tests pass them filled with NaN
-    to catch unwritten rows)."""
+    to catch unwritten rows); ``key_mask``: optional (B, L) bool, True = a real frame."""
     batch, length, heads, head_dim = q.shape
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if out is None:
@@ -566,11 +616,11 @@ def _forward_arguments(q, k, v, distance_embedding, left, right, scale, lengths,
     if lse is None:
         lse = torch.empty(batch, heads, length, device=q.device, dtype=_accumulate_dtype(q.dtype))
     return dict(_shared_arguments(q, k, v, _bias_table(q, distance_embedding), lengths, left, right, scale,
-                                  zero_padded_queries), out_ptr=out, lse_ptr=lse)
+                                  zero_padded_queries, key_mask), out_ptr=out, lse_ptr=lse)
 
 
 def _backward_arguments(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                        zero_padded_queries, grads=None):
+                        zero_padded_queries, grads=None, key_mask=None):
     """(the dK/dV pass's arguments, the dQ pass's) by name. ``grads``: preallocated (dq_partial fp32, dk, dv)
     buffers (tests fill them with NaN)."""
     batch, length, heads, head_dim = q.shape
@@ -588,7 +638,8 @@ def _backward_arguments(grad_out, q, k, v, distance_embedding, out, lse, left, r
     # zero where no key exists for a bucket (j < 0 or past the length) and in padded rows; the dQ pass stores
     # the rest
     d_table = torch.zeros_like(table)
-    shared = dict(_shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries), do_ptr=d_out,
+    shared = dict(_shared_arguments(q, k, v, table, lengths, left, right, scale, zero_padded_queries, key_mask),
+                  do_ptr=d_out,
                   lse_ptr=lse.contiguous(), delta_ptr=delta.transpose(1, 2).contiguous(), **_strides("do", d_out))
     return (dict(shared, dk_ptr=dk, dv_ptr=dv, scale=scale), dict(shared, dq_ptr=dq_partial, d_table_ptr=d_table))
 
@@ -605,22 +656,23 @@ def _run(tuned, kernel, arguments, config, rows):
 
 
 def _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out=None, lse=None,
-            config=None):
-    """Forward: (out (B, L, H·D) in q's dtype, lse (B, H, L) fp32). ``out``/``lse``: see ``_forward_arguments``;
-    ``config``: one of FORWARD_CONFIGS (a triton.Config), bypassing autotuning."""
+            config=None, key_mask=None):
+    """Forward: (out (B, L, H·D) in q's dtype, lse (B, H, L) fp32: +inf in rows that take no gradient where a key mask
+    is given). ``out``/``lse``/``key_mask``: see ``_forward_arguments``; ``config``: one of FORWARD_CONFIGS (a
+    triton.Config), bypassing autotuning."""
     arguments = _forward_arguments(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, out,
-                                   lse)
+                                   lse, key_mask)
     _run(_forward_tuned, _forward_kernel, arguments, config, "BLOCK_M")
     return arguments["out_ptr"], arguments["lse_ptr"]
 
 
 def _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                     zero_padded_queries, grads=None, dkdv_config=None, dq_config=None):
+                     zero_padded_queries, grads=None, dkdv_config=None, dq_config=None, key_mask=None):
     """Backward from the forward's output and lse: (dq, dk, dv, d_distance_embedding), each in its input's dtype,
     dq/dk/dv as contiguous (B, L, H, D). ``grads``: see ``_backward_arguments``; ``*_config``: one of DKDV_CONFIGS /
     DQ_CONFIGS (a triton.Config), bypassing autotuning."""
     dkdv, dq = _backward_arguments(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                                   zero_padded_queries, grads)
+                                   zero_padded_queries, grads, key_mask)
     _run(_dkdv_tuned, _backward_dkdv_kernel, dkdv, dkdv_config, "BLOCK_N")
     _run(_dq_tuned, _backward_dq_kernel, dq, dq_config, "BLOCK_M")
 
@@ -651,17 +703,19 @@ def _banded():
 def _rel_key_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distance_embedding: torch.Tensor, left: int, right: int,
     scale: float, lengths: Optional[torch.Tensor], zero_padded_queries: bool, implementation: str,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
         if implementation == TRITON:
-            return _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries)
+            return _launch(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries,
+                           key_mask=key_mask)
         out, lse = _banded().rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths,
-                                                       zero_padded_queries)
+                                                       zero_padded_queries, key_mask)
     return out.contiguous(), lse.contiguous()
 
 
 @_rel_key_attention_op.register_fake
-def _(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, implementation):
+def _(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, implementation, key_mask=None):
     batch, length, heads, head_dim = q.shape
     return (q.new_empty(batch, length, heads * head_dim),
             q.new_empty(batch, heads, length, dtype=_accumulate_dtype(q.dtype)))
@@ -671,41 +725,42 @@ def _(q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_quer
 def _rel_key_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distance_embedding: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, left: int, right: int, scale: float, lengths: Optional[torch.Tensor],
-    zero_padded_queries: bool, implementation: str,
+    zero_padded_queries: bool, implementation: str, key_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
         if implementation == TRITON:
             grads = _launch_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths,
-                                     zero_padded_queries)
+                                     zero_padded_queries, key_mask=key_mask)
         else:
             grads = _banded().rel_key_attention_chunked_backward(
-                grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries)
+                grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries,
+                key_mask)
     return tuple(g.contiguous() for g in grads)
 
 
 @_rel_key_attention_backward_op.register_fake
 def _(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries,
-      implementation):
+      implementation, key_mask=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             distance_embedding.new_empty(distance_embedding.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, implementation = inputs
+    q, k, v, distance_embedding, left, right, scale, lengths, zero_padded_queries, implementation, key_mask = inputs
     out, lse = output
     # O(B·L·H·D) and O(B·H·L): the probabilities are recomputed from lse, nothing L×L is kept
-    ctx.save_for_backward(q, k, v, distance_embedding, out, lse, lengths)
+    ctx.save_for_backward(q, k, v, distance_embedding, out, lse, lengths, key_mask)
     ctx.arguments = (left, right, scale, zero_padded_queries, implementation)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, distance_embedding, out, lse, lengths = ctx.saved_tensors
+    q, k, v, distance_embedding, out, lse, lengths, key_mask = ctx.saved_tensors
     left, right, scale, zero_padded_queries, implementation = ctx.arguments
     dq, dk, dv, d_emb = _rel_key_attention_backward_op(
         grad_out, q, k, v, distance_embedding, out, lse, left, right, scale, lengths, zero_padded_queries,
-        implementation)
-    return dq, dk, dv, d_emb, None, None, None, None, None, None
+        implementation, key_mask)
+    return dq, dk, dv, d_emb, None, None, None, None, None, None, None
 
 
 _rel_key_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -715,7 +770,20 @@ _rel_key_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q, k, v, distance_embedding, left, right, lengths):
+def _check_key_mask(key_mask, batch, length):
+    """Shape and dtype of the optional (B, L) key mask; its values (0/1) where checking them is free."""
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dim() != 2 or tuple(key_mask.shape) != (batch, length):
+        shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+        raise ValueError(f"key_mask must be a (batch, length) = ({batch}, {length}) bool or 0/1 integer tensor, "
+                         f"got {shape}")
+    if key_mask.dtype.is_floating_point or key_mask.dtype.is_complex:
+        raise ValueError(f"key_mask must be a bool or 0/1 integer tensor, got {key_mask.dtype}")
+    if key_mask.dtype != torch.bool and key_mask.numel() > 0 and checks_values(key_mask):
+        if bool(((key_mask != 0) & (key_mask != 1)).any()):
+            raise ValueError("key_mask must hold only 0 and 1 (1 = a real frame)")
+
+
+def _check_inputs(q, k, v, distance_embedding, left, right, lengths, key_mask):
     for name, t in (("q", q), ("k", k), ("v", v), ("distance_embedding", distance_embedding)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -741,24 +809,34 @@ def _check_inputs(q, k, v, distance_embedding, left, right, lengths):
     if lengths is not None:
         check_lengths(lengths, q.shape[0])
         devices.add(lengths.device)
+    if key_mask is not None:
+        _check_key_mask(key_mask, q.shape[0], q.shape[1])
+        devices.add(key_mask.device)
     if len(devices) > 1:
-        raise ValueError(f"q, k, v, distance_embedding and lengths must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError("q, k, v, distance_embedding, lengths and key_mask must be on one device, got "
+                         f"{sorted(map(str, devices))}")
     if lengths is not None and values_checkable(lengths):  # the kernel clamps lengths to [1, L] otherwise
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > q.shape[1]:
             raise ValueError(f"lengths must lie in [1, {q.shape[1]}] (every sequence needs a key), got [{low}, {high}]")
 
 
-def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=None, zero_padded_queries=True):
-    """Relative-key attention over right-padded sequences, differentiable in q, k, v and distance_embedding.
+def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=None, zero_padded_queries=True,
+                      key_mask=None):
+    """Relative-key attention over padded sequences (any padding), differentiable in q, k, v and distance_embedding.
 
     q, k, v: (B, L, H, D), any strides (views of the projections' output need no copy);
     distance_embedding: (left + right + 1, D), any float dtype (cast to q's, as transformers does; under autocast
     q/k/v arrive in the autocast dtype and the embedding's gradient comes back in its own dtype);
     left, right: clip distances; scale: softmax scale;
-    lengths: optional (B,) integer key lengths in [1, L] (keys at or past a sequence's length are ignored);
-    zero_padded_queries: write zeros to query rows at or past the length (True; their incoming gradient is then
-    ignored) or compute them like transformers, attending to the valid keys (False; needed when something
+    lengths: optional (B,) integer key lengths in [1, L] (keys at or past a sequence's length are ignored: the
+    kernels skip those key blocks, so right padding is cheapest given as lengths);
+    key_mask: optional (B, L) bool or 0/1 integer, True = a real frame (left padding, holes). A frame j of sequence
+    b is real iff j < lengths[b] (when given) and key_mask[b, j] (when given); only real keys are attended. With
+    both, lengths = one past the last real frame keeps the blocks after it skipped. A sequence with no real frame
+    is the caller's error (unchecked: its output is finite, not meaningful);
+    zero_padded_queries: write zeros to query rows that are not real (True; their incoming gradient is then
+    ignored) or compute them like transformers, attending to the real keys (False; needed when something
     downstream, e.g. the adapter, reads padded rows).
     Returns (B, L, H·D) in q's dtype.
 
@@ -768,7 +846,9 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     with plain autograd (``torch``). The first two save only q, k, v, the output and the row log-sum-exp for
     backward: memory stays O(L), in training too.
     """
-    _check_inputs(q, k, v, distance_embedding, left, right, lengths)
+    _check_inputs(q, k, v, distance_embedding, left, right, lengths, key_mask)
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        key_mask = key_mask != 0
     implementation = dispatch(q, k, v, distance_embedding)
     if implementation != REFERENCE and q.numel() > 0:
         if implementation == TRITON and q.shape[-1] > _MAX_HEAD_DIM:
@@ -776,28 +856,34 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
         if lengths is not None:
             lengths = lengths.to(torch.int32)
         out, _ = _rel_key_attention_op(q, k, v, distance_embedding, left, right, float(scale), lengths,
-                                       bool(zero_padded_queries), implementation)
+                                       bool(zero_padded_queries), implementation, key_mask)
         return out
-    key_mask = None
+    real = key_mask
     if lengths is not None:
-        key_mask = torch.arange(q.shape[1], device=q.device)[None, :] < lengths.to(q.device)[:, None]
-    out = rel_key_attention_reference(q, k, v, distance_embedding, left, right, scale, key_mask)
-    if key_mask is not None and zero_padded_queries:
-        out = out.masked_fill(~key_mask[..., None], 0)
+        before_end = torch.arange(q.shape[1], device=q.device)[None, :] < lengths.to(q.device)[:, None]
+        real = before_end if real is None else real & before_end
+    out = rel_key_attention_reference(q, k, v, distance_embedding, left, right, scale, real)
+    if real is not None and zero_padded_queries:
+        out = out.masked_fill(~real[..., None], 0)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ LAUNCH_META
 # What the compile check needs (benchmarks/tools/compile_check.py): each kernel's example arguments come from the
 # launcher's own argument builders, run on meta tensors (shapes, strides and dtypes, no data) at the check's shape;
-# a lengths tensor is passed (HAS_LENGTHS) and padded queries are zeroed, as the model launches them.
-def _example_inputs(shape, dtype):
-    """q, k, v (B, L, H, D), the distance embedding and int32 lengths, as meta tensors of ``dtype``'s name."""
+# a lengths tensor is passed (HAS_LENGTHS) and padded queries are zeroed, as the model launches them. Each kernel is
+# checked twice: as right padding launches it (no key mask: the build every batch without holes runs) and with a
+# key mask (``+key_mask``: left padding, holes), since the two are separate builds with their own registers.
+def _example_inputs(shape, dtype, with_key_mask):
+    """q, k, v (B, L, H, D), the distance embedding, int32 lengths and the (B, L) bool key mask or None, as meta
+    tensors of ``dtype``'s name."""
     t = getattr(torch, dtype)
     q, k, v = (torch.empty(shape["batch"], shape["length"], shape["heads"], shape["head_dim"], dtype=t, device="meta")
                for _ in range(3))
     distance_embedding = torch.empty(shape["left"] + shape["right"] + 1, shape["head_dim"], dtype=t, device="meta")
-    return q, k, v, distance_embedding, torch.empty(shape["batch"], dtype=torch.int32, device="meta")
+    key_mask = (torch.empty(shape["batch"], shape["length"], dtype=torch.bool, device="meta") if with_key_mask
+                else None)
+    return q, k, v, distance_embedding, torch.empty(shape["batch"], dtype=torch.int32, device="meta"), key_mask
 
 
 def _compile_arguments(arguments):
@@ -805,32 +891,36 @@ def _compile_arguments(arguments):
     return {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in arguments.items()}
 
 
-def _forward_example(shape, dtype):
-    q, k, v, distance_embedding, lengths = _example_inputs(shape, dtype)
+def _forward_example(shape, dtype, with_key_mask=False):
+    q, k, v, distance_embedding, lengths, key_mask = _example_inputs(shape, dtype, with_key_mask)
     return _compile_arguments(_forward_arguments(q, k, v, distance_embedding, shape["left"], shape["right"],
-                                                 shape["head_dim"] ** -0.5, lengths, True))
+                                                 shape["head_dim"] ** -0.5, lengths, True, key_mask=key_mask))
 
 
-def _backward_example(shape, dtype, kernel_pass):
+def _backward_example(shape, dtype, kernel_pass, with_key_mask=False):
     """``kernel_pass``: 0 for the dK/dV pass, 1 for the dQ pass."""
-    q, k, v, distance_embedding, lengths = _example_inputs(shape, dtype)
+    q, k, v, distance_embedding, lengths, key_mask = _example_inputs(shape, dtype, with_key_mask)
     out = torch.empty(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=q.dtype, device="meta")
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=_accumulate_dtype(q.dtype), device="meta")
     arguments = _backward_arguments(out, q, k, v, distance_embedding, out, lse, shape["left"], shape["right"],
-                                    shape["head_dim"] ** -0.5, lengths, True)
+                                    shape["head_dim"] ** -0.5, lengths, True, key_mask=key_mask)
     return _compile_arguments(arguments[kernel_pass])
 
 
 # every dot, fp32's included (three tf32 products), must run on tensor cores
 _EXPECT = ("mma_in_half", "mma_in_fp32", "no_fp64", "no_local")
-LAUNCH_META = {
-    "_forward_kernel": KernelLaunch(
-        _forward_tuned, _forward_example, lambda dtype: _gpu_configs(FORWARD_CONFIGS, getattr(torch, dtype)),
-        expect=_EXPECT),
-    "_backward_dkdv_kernel": KernelLaunch(
-        _dkdv_tuned, lambda shape, dtype: _backward_example(shape, dtype, 0),
-        lambda dtype: _gpu_configs(DKDV_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
-    "_backward_dq_kernel": KernelLaunch(
-        _dq_tuned, lambda shape, dtype: _backward_example(shape, dtype, 1),
-        lambda dtype: _gpu_configs(DQ_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
-}
+LAUNCH_META = {}
+for _with_key_mask in (False, True):
+    _variant = "+key_mask" if _with_key_mask else ""
+    LAUNCH_META.update({
+        "_forward_kernel" + _variant: KernelLaunch(
+            _forward_tuned, lambda shape, dtype, m=_with_key_mask: _forward_example(shape, dtype, m),
+            lambda dtype: _gpu_configs(FORWARD_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+        "_backward_dkdv_kernel" + _variant: KernelLaunch(
+            _dkdv_tuned, lambda shape, dtype, m=_with_key_mask: _backward_example(shape, dtype, 0, m),
+            lambda dtype: _gpu_configs(DKDV_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+        "_backward_dq_kernel" + _variant: KernelLaunch(
+            _dq_tuned, lambda shape, dtype, m=_with_key_mask: _backward_example(shape, dtype, 1, m),
+            lambda dtype: _gpu_configs(DQ_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+    })
+del _with_key_mask, _variant

@@ -51,7 +51,7 @@ class _Inputs:
     """Everything a call derives from its arguments once: (B, H, L, D) contiguous operands with the scale folded
     into q, the table, the edge-shifted keys and the key mask as an additive bias."""
 
-    def __init__(self, q, k, v, distance_embedding, left, right, scale, lengths):
+    def __init__(self, q, k, v, distance_embedding, left, right, scale, lengths, key_mask):
         self.batch, self.length, self.heads, self.head_dim = q.shape
         self.left, self.right = left, right
         dtype = _compute_dtype(q.dtype)
@@ -62,12 +62,19 @@ class _Inputs:
         self.table = torch.matmul(self.q, self.emb.t())  # (B, H, L, R), already scaled
         self.k_left = self.k + self.emb[0]
         self.k_right = self.k + self.emb[-1]
-        self.lengths = self.key_bias = None
+        # real: the (B, L) frames that are real (keys attended, query rows kept); key_valid: the keys attended,
+        # which are the real ones except in a row with none (the caller's error, unchecked here): it attends every
+        # key, so its output stays finite instead of 0/0
+        self.real = self.key_valid = self.key_bias = None
         if lengths is not None:
-            self.lengths = lengths.to(q.device).clamp(1, self.length)
-            valid = torch.arange(self.length, device=q.device)[None, :] < self.lengths[:, None]
-            self.key_bias = torch.zeros(valid.shape, device=q.device, dtype=dtype).masked_fill_(~valid, float("-inf"))
-            self.key_bias = self.key_bias[:, None, None, :]  # (B, 1, 1, L)
+            self.real = _query_mask(lengths.to(q.device).clamp(1, self.length), self.length, q.device)
+        if key_mask is not None:
+            mask = key_mask.to(q.device) != 0
+            self.real = mask if self.real is None else self.real & mask
+        if self.real is not None:
+            self.key_valid = self.real | ~self.real.any(dim=1, keepdim=True)
+            self.key_bias = torch.zeros(self.real.shape, device=q.device, dtype=dtype)
+            self.key_bias = self.key_bias.masked_fill_(~self.key_valid, float("-inf"))[:, None, None, :]  # (B,1,1,L)
 
     def key_bias_of(self, start, end):
         return None if self.key_bias is None else self.key_bias[..., start:end]
@@ -83,12 +90,13 @@ class _Inputs:
             bias = bias + self.key_bias[..., a:b]
         return bias, bucket
 
-    def empty_rows(self, start, lse):
-        """A part whose keys all lie past a sequence's length gives its rows lse 0 (an empty sum) in ATen's kernel;
-        they must weigh nothing in the merge."""
-        if self.lengths is None or start == 0:
+    def empty_rows(self, start, end, lse):
+        """A part whose keys [start, end) are all masked for a sequence gives its rows lse 0 (an empty sum) in ATen's
+        kernel, and output 0; they must weigh nothing in the merge. Computed from the mask on the device."""
+        if self.key_valid is None:
             return lse
-        return lse.masked_fill((self.lengths <= start)[:, None, None], float("-inf"))
+        empty = ~self.key_valid[:, start:end].any(dim=1)
+        return lse.masked_fill(empty[:, None, None], float("-inf"))
 
 
 def _query_mask(lengths, length, device):
@@ -114,10 +122,10 @@ def _outside_autocast(fn):
 
 @_outside_autocast
 def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, lengths=None,
-                              zero_padded_queries=True, chunk=QUERY_CHUNK):
+                              zero_padded_queries=True, key_mask=None, chunk=QUERY_CHUNK):
     """Forward. Same arguments and result as ``rel_key_attention``; returns (out (B, L, H·D) in q's dtype,
     lse (B, H, L): the natural log of each row's Σ_j exp(score), fp32, or fp64 for fp64 inputs). No autograd."""
-    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths)
+    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths, key_mask)
     out = torch.empty_like(x.q)
     lse = torch.empty(x.batch, x.heads, x.length, device=q.device, dtype=torch.promote_types(x.q.dtype, torch.float32))
     for i0, i1, a, b in _chunks(x.length, left, right, chunk):
@@ -125,38 +133,38 @@ def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, l
         parts = []
         if a > 0:
             part_out, part_lse = _flash(q_c, x.k_left[:, :, :a], x.v[:, :, :a], attn_mask=x.key_bias_of(0, a), scale=1.0)
-            parts.append((part_out, part_lse))
+            parts.append((part_out, x.empty_rows(0, a, part_lse)))
         if b > a:
             bias, _ = x.band_bias(i0, i1, a, b)
             part_out, part_lse = _flash(q_c, x.k[:, :, a:b], x.v[:, :, a:b], attn_mask=bias, scale=1.0)
-            parts.append((part_out, x.empty_rows(a, part_lse)))
+            parts.append((part_out, x.empty_rows(a, b, part_lse)))
         if b < x.length:
             part_out, part_lse = _flash(q_c, x.k_right[:, :, b:], x.v[:, :, b:], attn_mask=x.key_bias_of(b, None),
                                         scale=1.0)
-            parts.append((part_out, x.empty_rows(b, part_lse)))
+            parts.append((part_out, x.empty_rows(b, x.length, part_lse)))
         if len(parts) == 1:
             out[:, :, i0:i1], lse[:, :, i0:i1] = parts[0]
             continue
         chunk_lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
         merged = sum(torch.exp(part_lse - chunk_lse)[..., None] * part_out for part_out, part_lse in parts)
         out[:, :, i0:i1], lse[:, :, i0:i1] = merged, chunk_lse
-    if lengths is not None and zero_padded_queries:
-        out.masked_fill_(~_query_mask(x.lengths, x.length, q.device)[:, None, :, None], 0.0)
+    if x.real is not None and zero_padded_queries:
+        out.masked_fill_(~x.real[:, None, :, None], 0.0)
     return _finish(x, out, q.dtype), lse
 
 
 @_outside_autocast
 def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, out, lse, left, right, scale,
-                                       lengths=None, zero_padded_queries=True, chunk=QUERY_CHUNK):
+                                       lengths=None, zero_padded_queries=True, key_mask=None, chunk=QUERY_CHUNK):
     """Backward of ``rel_key_attention_chunked`` from its output and lse: (dq, dk, dv, d_distance_embedding), each
     in its input's dtype. No autograd; nothing of size L×L."""
-    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths)
+    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths, key_mask)
     dtype = x.q.dtype
     as_heads = lambda t: t.reshape(x.batch, x.length, x.heads, x.head_dim).transpose(1, 2).to(dtype)  # noqa: E731
     d_out, out = as_heads(grad_out), as_heads(out)
-    if lengths is not None and zero_padded_queries:
+    if x.real is not None and zero_padded_queries:
         # those rows' output is the constant 0: their gradient reaches nothing
-        d_out = d_out.masked_fill(~_query_mask(x.lengths, x.length, q.device)[:, None, :, None], 0.0)
+        d_out = d_out.masked_fill(~x.real[:, None, :, None], 0.0)
     d_out, out, lse = d_out.contiguous(), out.contiguous(), lse.to(dtype)
     delta = (d_out * out).sum(dim=-1)  # (B, H, L)
 
