@@ -187,7 +187,8 @@ def _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK: tl.constexpr):
     byte per frame)."""
     key_valid = offs_n < key_length
     if HAS_KEY_MASK:
-        key_valid = key_valid & (tl.load(mask_base + offs_n, mask=key_valid, other=0) != 0)
+        # (clamped into the sequence instead of masked, as the key rows are: fewer registers)
+        key_valid = key_valid & (tl.load(mask_base + tl.minimum(offs_n, key_length - 1)) != 0)
     return key_valid
 
 
@@ -356,10 +357,12 @@ def _backward_dkdv_kernel(
         tl.store(dv_ptr + grad_offsets, tl.zeros([BLOCK_N, BLOCK_D], dtype=dv_ptr.dtype.element_ty), mask=grad_mask)
         return
 
-    # masked keys get no gradient: their P is 0 for every query
+    key_in = offs_n < key_length
+    k = _load_tile(_head_base(k_ptr, b, h, stride_kb, stride_kh), offs_n, stride_kl, key_in, BLOCK_D, HEAD_DIM)
+    v = _load_tile(_head_base(v_ptr, b, h, stride_vb, stride_vh), offs_n, stride_vl, key_in, BLOCK_D, HEAD_DIM)
+    # masked keys get no gradient: their P is 0 for every query (the loads above do not wait for the mask: on sm_80
+    # fp32 that costs a spill)
     key_valid = _valid_keys(offs_n, key_length, key_mask_ptr + b.to(tl.int64) * length, HAS_KEY_MASK)
-    k = _load_tile(_head_base(k_ptr, b, h, stride_kb, stride_kh), offs_n, stride_kl, key_valid, BLOCK_D, HEAD_DIM)
-    v = _load_tile(_head_base(v_ptr, b, h, stride_vb, stride_vh), offs_n, stride_vl, key_valid, BLOCK_D, HEAD_DIM)
     context = (k, v, offs_n, key_valid, _head_base(q_ptr, b, h, stride_qb, stride_qh),
                _head_base(do_ptr, b, h, stride_dob, stride_doh), lse_ptr + batch_head.to(tl.int64) * length,
                delta_ptr + batch_head.to(tl.int64) * length, _head_base(table_ptr, b, h, stride_tb, stride_th),
