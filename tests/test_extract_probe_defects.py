@@ -16,7 +16,7 @@ from test_cli import read_output, speechy, write_wav
 from test_extract_faults import TINY, extract, folder, one_line_error, tiny_checkpoint  # noqa: F401 - a fixture
 
 from w2vbert_fast.cli.common import random_model
-from w2vbert_fast.extract import audio, model, resample
+from w2vbert_fast.extract import audio, model
 
 
 def dense_resample(waveform, orig_freq, new_freq, lowpass_filter_width=6, rolloff=0.99):
@@ -42,7 +42,7 @@ def dense_resample(waveform, orig_freq, new_freq, lowpass_filter_width=6, rollof
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000, 96000, 12345])
 def test_resampling_gives_torchaudios_values(rate):
     wave = torch.randn(2, rate + 37, generator=torch.Generator().manual_seed(rate)) * 0.3
-    ours = resample.resample_audio(wave, rate, 16000)
+    ours = audio.resample_audio(wave, rate, 16000)
     expected = dense_resample(wave, rate, 16000)
     assert ours.shape == expected.shape == (2, math.ceil(16000 * (rate + 37) / rate))
     assert (ours - expected).abs().max() < 2e-6
@@ -50,17 +50,17 @@ def test_resampling_gives_torchaudios_values(rate):
 
 def test_an_odd_rate_resamples_in_bounded_memory_and_time():
     """16001 Hz (gcd 1 with 16 kHz): the dense layout needed a 16000 × 16015 kernel (10.6 GB, 28.7 s for 1 s)."""
-    resample._filter_bank.cache_clear()
+    audio._filter_bank.cache_clear()
     t = torch.arange(16001, dtype=torch.float64) / 16001
     start = time.perf_counter()
-    out = resample.resample_audio(torch.sin(2 * torch.pi * 440 * t).float(), 16001, 16000)
+    out = audio.resample_audio(torch.sin(2 * torch.pi * 440 * t).float(), 16001, 16000)
     assert time.perf_counter() - start < 10  # milliseconds when the machine is idle
-    bank, width = resample._filter_bank(16001, 16000, 6, 0.99)
+    bank, width = audio._filter_bank(16001, 16000, 6, 0.99)
     assert bank.shape == (16000, 2 * width + 1) and width == 7  # 240 k weights, not 256 M
     expected = torch.sin(2 * torch.pi * 440 * torch.arange(16000, dtype=torch.float64) / 16000)
     assert out.shape == (16000,) and (out[200:-200].double() - expected[200:-200]).abs().max() < 2e-3
     # memory per block of outputs stays bounded whatever the length: the gathered block is capped
-    assert resample.BLOCK_VALUES <= 1 << 20
+    assert audio.BLOCK_VALUES <= 1 << 20
 
 
 @pytest.mark.parametrize("fault", [RuntimeError("DefaultCPUAllocator: can't allocate memory"), MemoryError()],
