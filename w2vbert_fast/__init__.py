@@ -29,7 +29,7 @@ def __getattr__(name):
     # The reader belongs to the extraction application (extract/ imports the library, never the reverse): it is
     # imported on first use, so importing the library does not load the application.
     if name == "load_features":
-        from .extract.reader import load_features
+        from .extract.store import load_features
 
         return load_features
     raise AttributeError(f"module 'w2vbert_fast' has no attribute {name!r}")

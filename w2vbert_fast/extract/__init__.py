@@ -11,13 +11,13 @@ What can go wrong, and what happens:
 * a fault that would fail every clip (bad option, damaged checkpoint, preprocessor settings that do not fit the
   model, output folder not writable): an ExtractError naming it and the fix, before any work (the command line
   prints it as one line, exit status 2);
-* a rerun: an existing output is skipped only if it checks out (store.check_output, shards.read_shards); a damaged
+* a rerun: an existing output is skipped only if it checks out (store.check_output, store.read_shards); a damaged
   or out-of-date one is redone; one written with another layer, model, dtype or source stops the run before any
   work, naming --overwrite.
 
 Files: inputs (what to read) → ranks (this process's share) → model (what runs) → pipeline (resume plan,
-batches, decode → features + model → writes) → store / shards (the outputs) → ranks (the end: manifest, exit
-status); audio and resample decode, progress counts, reader reads back.
+batches, decode → features + model → writes) → store (the outputs) → ranks (the end: manifest, exit
+status); audio decodes and resamples, progress counts, store reads back.
 """
 
 import math
@@ -29,7 +29,7 @@ from .errors import ExtractError
 from .model import ModelSource
 from .options import ExtractOptions
 from .ranks import Job
-from .reader import load_features
+from .store import load_features
 
 __all__ = ["ExtractError", "ExtractOptions", "ModelSource", "extract", "load_features"]
 

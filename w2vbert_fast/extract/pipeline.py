@@ -12,7 +12,7 @@ Three stages, overlapped (``workers`` > 0):
   into pinned host memory with ``non_blocking`` and an event recorded — the main thread never waits for the
   device, and goes on to the next batch;
 * write: a pool of threads waits for the batch's event (the one host sync per batch), slices each clip's frames
-  (known on the host from its sample count) and writes them (``store`` per clip, ``shards``), at most
+  (known on the host from its sample count) and writes them (``store``: per clip or shards), at most
   ``IN_FLIGHT`` batches behind.
 
 ``workers=0`` runs the same stages one after another on the main thread (the serial loop extract used to be;
@@ -34,7 +34,7 @@ import torch
 
 from ..features import check_clip
 from ..ops.log_mel_fbank import SAMPLE_RATE
-from . import audio, shards, store
+from . import audio, store
 
 PREFETCH = 2  # batches decoded ahead of the device
 IN_FLIGHT = 2  # batches encoded but not yet written, before the main thread waits for the writers
@@ -75,10 +75,10 @@ def plan(clips, out_dir, settings: store.Settings, hidden_size, overwrite=False,
     result = Plan()
     wanted = settings.metadata()
     if sharded:
-        stored, damaged = shards.read_shards(out_dir)
+        stored, damaged = store.read_shards(out_dir)
         for path, reason in damaged:
             try:
-                aside = shards.set_aside(path)
+                aside = store.set_aside(path)
             except FileNotFoundError:  # another rank set it aside first
                 aside = path[: -len(".safetensors")] + ".damaged"
             result.redone.append(f"{reason} (set aside as {os.path.basename(aside)}; its clips are redone)")
@@ -297,7 +297,7 @@ class ShardLayout:
 
     def __init__(self, out_dir, tag, rank):
         self.out_dir, self.tag = out_dir, tag
-        self.names = shards.ShardNames(out_dir, rank, tag)
+        self.names = store.ShardNames(out_dir, rank, tag)
 
     def store(self, items, run_metadata):
         return [(clip, hidden.clone()) for clip, hidden in items]
@@ -307,12 +307,12 @@ class ShardLayout:
         path = self.names.next()
         clips = [(clip.task.name, hidden, {**clip.source, "num_samples": str(clip.samples)})
                  for clip, hidden in items]
-        shards.write_shard(path, clips, run_metadata["settings"], run_metadata["run"], self.tag)
+        store.write_shard(path, clips, run_metadata["settings"], run_metadata["run"], self.tag)
         output = os.path.relpath(path, self.out_dir)
         return [store.manifest_row(clip.task.path, output, clip.samples, clip.task.name) for clip, _ in items]
 
     def close(self):
-        store.fsync_folder(shards.shard_folder(self.out_dir))
+        store.fsync_folder(store.shard_folder(self.out_dir))
 
 
 class Pipeline:

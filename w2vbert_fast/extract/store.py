@@ -1,6 +1,6 @@
-"""Where ``extract`` puts each clip's output, how it writes it, and whether one already on disk can be trusted on
-a rerun. Two layouts: one file per clip (here) and shards of many clips (``shards.py``); both record the same
-metadata per clip and are read back by ``reader.load_features``.
+"""Where ``extract`` puts each clip's output, how it writes it, whether one already on disk can be trusted on a
+rerun, and reading them back. Two layouts, one file per clip and shards of many clips; both record the same
+metadata per clip and are read back by :func:`load_features`.
 
 Per clip: ``OUT/<name>.safetensors`` (``<name>``: the clip's path below the folder it was found in, without its
 extension), a tensor ``hidden_states`` (frames, hidden) and metadata: what it was computed with (layer, dtype, the
@@ -16,11 +16,35 @@ On a rerun an existing output counts as done only if it loads, its tensor is fin
 implies, and its metadata matches this run: :func:`check_output` says "done", "redo" (damaged, written by an
 older version without the fields checked here, or its source file changed since) or "conflict" (written with
 another layer, model, dtype or stored dtype, or from another source file: valid data that this run would replace).
+
+Shards (``--shard-size N``): many clips per safetensors file, for corpora where one file per clip (and an fsync
+per file) is what shared file systems handle worst.
+
+``OUT/shards/<run>-<rank>-<seq>.safetensors``: one tensor per clip, keyed by the clip's name, and in the file's
+metadata the settings every clip shares (layer, dtype, save_dtype, model identity, sample rate, package version),
+the time it was written, and ``index``: a JSON list with each clip's name, source real path, source version (size,
+mtime) and sample counts — so a shard is self-describing, and written whole or not at all (one atomic file, one
+fsync of its data; the folder is fsynced when the run ends: a rename lost to a power cut means its clips are
+redone, never that a damaged shard is taken as done).
+
+Resume reads the shards' headers only (no tensor data): a clip is done if the newest shard holding it has it with
+this run's settings, the source version it has now, and the shape and dtype its sample count implies. The data
+itself was checked finite before it was written. A clip redone (its source changed, or ``--overwrite``) goes into
+a new shard; the older entry stays on disk but is superseded: readers (:func:`load_features`) take each clip
+from the newest shard that has it. A shard whose header cannot be read is renamed ``*.damaged`` (kept for
+inspection, read by nobody) and its clips are redone.
+
+Reading back, either layout, without knowing it: ``load_features(out_dir)`` yields
+``(name, hidden_states)`` — ``name`` the clip's output name (its path below the folder it was found in, or as its
+manifest line names it, without extension), ``hidden_states`` a (frames, hidden) CPU tensor in the dtype it was
+stored in (``--save-dtype``).
 """
 
+import json
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +59,11 @@ SETTINGS = ("layer", "dtype", "model_config_sha256", "model_weights", "source")
 SOURCE_VERSION = ("source_size", "source_mtime_ns")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_FOLDER = "shards"
+SHARD_LAYOUT = "shards"  # the "layout" a shard's metadata names
+# safetensors' dtype names in a header, for the dtypes extract stores
+HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# the per-clip fields of a shard's index; the rest of a clip's metadata is the shard's
+INDEX_FIELDS = ("name", "source", "source_size", "source_mtime_ns", "num_samples", "source_sample_rate")
 
 
 @dataclass(frozen=True)
@@ -240,7 +269,7 @@ def check_output(path, expected: dict, hidden_size: int):
 def check_layout(out_dir, sharded: bool):
     """ExtractError, before any work, if ``out_dir`` holds the other layout's outputs: one folder, one layout (so
     a reader never has to choose)."""
-    shard_dir = os.path.join(out_dir, SHARD_FOLDER)
+    shard_dir = shard_folder(out_dir)
     has_shards = os.path.isdir(shard_dir) and any(n.endswith(".safetensors") for n in os.listdir(shard_dir))
     if sharded and existing_outputs(out_dir):
         raise ExtractError(f"--out {out_dir} holds one output file per clip; --shard-size writes shards: extract "
@@ -248,3 +277,136 @@ def check_layout(out_dir, sharded: bool):
     if not sharded and has_shards:
         raise ExtractError(f"--out {out_dir} holds shards ({shard_dir}); without --shard-size one file per clip is "
                            f"written: extract into another --out, or give --shard-size to go on with the shards")
+
+
+# --------------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class Entry:
+    """One clip in a shard: the shard's path, the clip's metadata (as a per-clip output records it), its tensor's
+    shape and dtype name, and when its shard was written (the newest wins)."""
+
+    shard: str
+    name: str
+    metadata: dict
+    shape: tuple
+    dtype: str
+    written_ns: int
+
+
+def shard_folder(out_dir) -> str:
+    return os.path.join(out_dir, SHARD_FOLDER)
+
+
+def read_header(path) -> list:
+    """[Entry] of one shard, from its header; ValueError (naming the file) if it is not a readable shard."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from None
+    try:
+        index = json.loads(metadata.pop("index"))
+        written_ns = int(metadata.pop("written_ns"))
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not a shard written by extract (its index: {error})") from None
+    entries = []
+    for row in index:
+        name = row.get("name") if isinstance(row, dict) else None
+        if name not in shapes:
+            raise ValueError(f"{path}: its index names {name!r}, which it does not hold")
+        shape, dtype = shapes[name]
+        clip = {key: str(value) for key, value in row.items() if key != "name"}
+        entries.append(Entry(path, name, {**metadata, **clip}, shape, HEADER_DTYPES.get(dtype, dtype), written_ns))
+    return entries
+
+
+def read_shards(out_dir):
+    """({name: newest Entry}, [(shard path, reason)] for the shards that cannot be read)."""
+    folder = shard_folder(out_dir)
+    newest, damaged = {}, []
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    except FileNotFoundError:
+        return newest, damaged
+    for file in names:
+        path = os.path.join(folder, file)
+        try:
+            entries = read_header(path)
+        except ValueError as error:
+            damaged.append((path, str(error)))
+            continue
+        for entry in entries:
+            old = newest.get(entry.name)
+            if old is None or (entry.written_ns, entry.shard) > (old.written_ns, old.shard):
+                newest[entry.name] = entry
+    return newest, damaged
+
+
+def set_aside(path) -> str:
+    """Rename a damaged shard out of every reader's way; the new name."""
+    aside = path[: -len(".safetensors")] + ".damaged"
+    os.replace(path, aside)
+    return aside
+
+
+class ShardNames:
+    """This run's shard names: ``<start time>-r<rank>-<run tag>-<seq>``, unique to the run, sorting by time."""
+
+    def __init__(self, out_dir, rank, tag):
+        self.prefix = os.path.join(shard_folder(out_dir), f"{time.time_ns():x}-r{rank}-{tag}")
+        self.tag = tag
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        return f"{self.prefix}-{self.count:05d}.safetensors"
+
+
+def write_shard(path, clips, settings_metadata, run_metadata, tag):
+    """``clips``: [(name, hidden_states CPU tensor, {source…, num_samples, source_sample_rate})] → one shard at
+    ``path``. A write that fails stops the run (ExtractError), as for a per-clip output."""
+    from safetensors.torch import save
+
+    index = [{"name": name, **{key: meta[key] for key in INDEX_FIELDS[1:]}} for name, _, meta in clips]
+    metadata = {"layout": SHARD_LAYOUT, **settings_metadata, "sample_rate": str(SAMPLE_RATE), **run_metadata,
+                "written_ns": str(time.time_ns()), "index": json.dumps(index)}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = save({name: hidden.contiguous() for name, hidden, _ in clips}, metadata=metadata)
+        write_atomically(path, data, f"{path}.{tag}.partial")
+    except OSError as error:
+        raise ExtractError(f"cannot write {path} ({error.strerror}); shards written so far are complete and a rerun "
+                           f"resumes after them") from None
+
+
+# --------------------------------------------------------------------------------------- reading back
+def load_features(out_dir):
+    """Yield ``(name, hidden_states)`` for every clip extracted into ``out_dir``: one file per clip in name order,
+    or shard by shard (each clip once, from the newest shard that holds it, when a rerun redid it).
+
+    ValueError (naming the file) for a shard that cannot be read: a rerun of extract into the same folder sets it
+    aside and redoes its clips."""
+    from safetensors import safe_open
+
+    out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"load_features: {out_dir} is not a folder")
+    if os.path.isdir(shard_folder(out_dir)):
+        newest, damaged = read_shards(out_dir)
+        if damaged:
+            path, reason = damaged[0]
+            raise ValueError(f"load_features: {reason}; rerun the extract into {out_dir} to redo its clips")
+        by_shard = {}
+        for entry in newest.values():
+            by_shard.setdefault(entry.shard, []).append(entry.name)
+        for shard in sorted(by_shard):
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for name in sorted(by_shard[shard]):
+                    yield name, f.get_tensor(name)
+        return
+    for name in sorted(existing_outputs(out_dir)):
+        with safe_open(output_path(out_dir, name), framework="pt", device="cpu") as f:
+            yield name, f.get_tensor("hidden_states")
