@@ -1,6 +1,8 @@
 """Relative-key attention with a key mask (``key_mask``): left padding and holes, on every backend.
 
-A frame is real iff it lies before ``lengths`` (when given) and ``key_mask`` marks it (when given). Checked against
+A key is attended iff it lies before ``lengths`` (when given) and ``key_mask`` marks it (when given); with
+``zero_padded_queries`` only the query rows at or past ``lengths`` are zeroed: masked rows before it are computed as
+transformers computes them (its heads read them under left padding). Checked against
 the literal reference with the combined mask: forward in fp32, gradients of q, k, v and the distance embedding
 against fp64, on ``triton`` (the kernels, under the interpreter on CPU), ``auto`` (the banded path on CPU) and
 ``torch``. The interpreter's blocks are 32 query rows × 16 keys, so the patterns below mask whole key blocks, whole
@@ -62,9 +64,16 @@ def poison_masked_frames(fused, real):
     return fused
 
 
-def expected_output(q, k, v, table, left, right, scale, real, zero_padded_queries):
+def past_the_end(lengths, length):
+    """(B, L) bool: the rows at or past each sequence's length, the ones zero_padded_queries zeroes."""
+    return torch.arange(length, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def expected_output(q, k, v, table, left, right, scale, real, zero_padded_queries, lengths):
     out = rel_key_attention_reference(q, k, v, table, left, right, scale, real)
-    return out.masked_fill(~real[..., None], 0) if zero_padded_queries else out
+    if zero_padded_queries and lengths is not None:
+        out = out.masked_fill(past_the_end(lengths, q.shape[1])[..., None], 0)
+    return out
 
 
 def run(backend, name, fused, table, grad_out, left, right, lengths, key_mask, zero_padded_queries):
@@ -100,27 +109,31 @@ def test_masked_forward_and_gradients_match_the_reference(backend, name, pattern
     ours = run(backend, name, fused, table, grad_out, left, right, lengths, real, zero_padded_queries)
 
     fused64, table64 = fused.double().requires_grad_(True), table.double().requires_grad_(True)
-    expected = expected_output(*fused64.unbind(2), table64, left, right, 16 ** -0.5, real, zero_padded_queries)
+    expected = expected_output(*fused64.unbind(2), table64, left, right, 16 ** -0.5, real, zero_padded_queries,
+                               lengths)
     expected_grads = torch.autograd.grad(expected, (fused64, table64), grad_out.double())
     assert_fp32_close(ours[0], expected)
-    if zero_padded_queries:
-        assert (ours[0][~real] == 0).all()
+    masked_before_the_end = ~real if lengths is None else ~real & ~past_the_end(lengths, LENGTH)
+    # masked rows before the end are computed (attending to the real keys), not zeroed
+    assert (ours[0][masked_before_the_end].abs().amax(dim=-1) > 0).all()
     assert_grads_close(ours, (expected, *expected_grads))
-    # masked keys and values take no gradient; with zero_padded_queries, masked query rows neither
+    # masked keys and values take no gradient; with zero_padded_queries, the rows past the end neither
     d_q, d_k, d_v = ours[1].unbind(2)
     assert (d_k[~real] == 0).all() and (d_v[~real] == 0).all()
-    if zero_padded_queries:
-        assert (d_q[~real] == 0).all()
+    if zero_padded_queries and lengths is not None:
+        past = past_the_end(lengths, LENGTH)
+        assert (ours[0][past] == 0).all() and (d_q[past] == 0).all()
 
 
 @pytest.mark.parametrize("name", ["triton", "auto"])
 def test_a_key_mask_agrees_with_lengths_when_it_is_right_padding(backend, name):
-    """The same padding given as lengths (the fast form) or as a mask gives the same result."""
+    """The same padding given as lengths (the fast form) or as a mask gives the same result (every row computed:
+    zeroing is by lengths only)."""
     lengths = torch.tensor([70, 33, 1], device=DEVICE)
     real = torch.arange(70, device=DEVICE)[None, :] < lengths[:, None]
     fused, table, grad_out = make_inputs(3, 70, 2, 16, 64, 8, seed=2)
-    by_lengths = run(backend, name, fused, table, grad_out, 64, 8, lengths, None, True)
-    by_mask = run(backend, name, fused, table, grad_out, 64, 8, None, real.to(torch.int64), True)
+    by_lengths = run(backend, name, fused, table, grad_out, 64, 8, lengths, None, False)
+    by_mask = run(backend, name, fused, table, grad_out, 64, 8, None, real.to(torch.int64), False)
     for a, b in zip(by_lengths, by_mask):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -154,7 +167,7 @@ def test_the_masked_kernels_write_every_output_and_gradient(backend, zero_padded
     kernel_module._launch(q, k, v, table, left, right, scale, lengths, zero_padded_queries, out=out, lse=lse,
                           key_mask=real)
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
-    assert_fp32_close(out, expected_output(q, k, v, table, left, right, scale, real, zero_padded_queries))
+    assert_fp32_close(out, expected_output(q, k, v, table, left, right, scale, real, zero_padded_queries, lengths))
     grads = tuple(torch.full(q.shape, float("nan"), device=DEVICE) for _ in range(3))
     dq, dk, dv, d_table = kernel_module._launch_backward(grad_out, q, k, v, table, out, lse, left, right, scale,
                                                          lengths, zero_padded_queries, grads=grads, key_mask=real)
@@ -178,7 +191,7 @@ def test_banded_path_with_small_chunks_matches_the_reference_fp64(pattern, zero_
     emb = torch.randn(left + right + 1, 8, generator=generator, dtype=torch.float64)
     lengths = last_real_plus_one(real)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, emb)]
-    expected = expected_output(*leaves, left, right, 0.3, real, zero_padded_queries)
+    expected = expected_output(*leaves, left, right, 0.3, real, zero_padded_queries, lengths)
     grad_out = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)
 

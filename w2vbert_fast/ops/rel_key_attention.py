@@ -285,12 +285,11 @@ def _forward_kernel(
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     if HAS_KEY_MASK:
         # a row with no real key (the caller's error) sums nothing: output 0, and lse +inf so that the backward's
-        # P = exp(s - lse) is 0 there; with zero_padded_queries the same for the rows that are not real
+        # P = exp(s - lse) is 0 there; with zero_padded_queries the same for the rows past the length (masked rows
+        # before it are computed, as transformers computes them)
         has_key = l_i > 0.0
-        real = offs_m < key_length
         if ZERO_PADDED_QUERIES:
-            real = real & (tl.load(mask_base + offs_m, mask=row_in, other=0) != 0)
-            has_key = has_key & real
+            has_key = has_key & (offs_m < key_length)
         out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(has_key, lse, float("inf"))
     else:
@@ -838,9 +837,10 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     b is real iff j < lengths[b] (when given) and key_mask[b, j] (when given); only real keys are attended. With
     both, lengths = one past the last real frame keeps the blocks after it skipped. A sequence with no real frame
     is the caller's error (unchecked: its output is finite, not meaningful);
-    zero_padded_queries: write zeros to query rows that are not real (True; their incoming gradient is then
+    zero_padded_queries: write zeros to the query rows at or past lengths[b] (True; their incoming gradient is then
     ignored) or compute them like transformers, attending to the real keys (False; needed when something
-    downstream, e.g. the adapter, reads padded rows).
+    downstream, e.g. the adapter, reads padded rows). Rows before lengths[b] are always computed, masked or not,
+    as transformers computes them (attending to the real keys): its heads read them under left padding.
     Returns (B, L, H·D) in q's dtype.
 
     Which code runs is ``_backend.dispatch``'s choice: the Triton kernels forward and backward (``triton``, or
@@ -866,8 +866,8 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
         before_end = torch.arange(q.shape[1], device=q.device)[None, :] < lengths.to(q.device)[:, None]
         real = before_end if real is None else real & before_end
     out = rel_key_attention_reference(q, k, v, distance_embedding, left, right, scale, real)
-    if real is not None and zero_padded_queries:
-        out = out.masked_fill(~real[..., None], 0)
+    if lengths is not None and zero_padded_queries:
+        out = out.masked_fill(~before_end[..., None], 0)
     return out
 
 

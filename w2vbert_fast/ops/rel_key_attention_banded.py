@@ -62,12 +62,15 @@ class _Inputs:
         self.table = torch.matmul(self.q, self.emb.t())  # (B, H, L, R), already scaled
         self.k_left = self.k + self.emb[0]
         self.k_right = self.k + self.emb[-1]
-        # real: the (B, L) frames that are real (keys attended, query rows kept); key_valid: the keys attended,
-        # which are the real ones except in a row with none (the caller's error, unchecked here): it attends every
-        # key, so its output stays finite instead of 0/0
-        self.real = self.key_valid = self.key_bias = None
+        # real: the (B, L) frames that are real keys; key_valid: the keys attended, which are the real ones except
+        # in a row with none (the caller's error, unchecked here): it attends every key, so its output stays finite
+        # instead of 0/0. padded_rows: the query rows at or past lengths, the ones zero_padded_queries zeroes (rows
+        # before it that are masked are computed as transformers computes them: its heads read them under left
+        # padding)
+        self.real = self.key_valid = self.key_bias = self.padded_rows = None
         if lengths is not None:
             self.real = _query_mask(lengths.to(q.device).clamp(1, self.length), self.length, q.device)
+            self.padded_rows = ~self.real
         if key_mask is not None:
             mask = key_mask.to(q.device) != 0
             self.real = mask if self.real is None else self.real & mask
@@ -148,8 +151,8 @@ def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, l
         chunk_lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
         merged = sum(torch.exp(part_lse - chunk_lse)[..., None] * part_out for part_out, part_lse in parts)
         out[:, :, i0:i1], lse[:, :, i0:i1] = merged, chunk_lse
-    if x.real is not None and zero_padded_queries:
-        out.masked_fill_(~x.real[:, None, :, None], 0.0)
+    if x.padded_rows is not None and zero_padded_queries:
+        out.masked_fill_(x.padded_rows[:, None, :, None], 0.0)
     return _finish(x, out, q.dtype), lse
 
 
@@ -162,9 +165,9 @@ def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, ou
     dtype = x.q.dtype
     as_heads = lambda t: t.reshape(x.batch, x.length, x.heads, x.head_dim).transpose(1, 2).to(dtype)  # noqa: E731
     d_out, out = as_heads(grad_out), as_heads(out)
-    if x.real is not None and zero_padded_queries:
+    if x.padded_rows is not None and zero_padded_queries:
         # those rows' output is the constant 0: their gradient reaches nothing
-        d_out = d_out.masked_fill(~x.real[:, None, :, None], 0.0)
+        d_out = d_out.masked_fill(x.padded_rows[:, None, :, None], 0.0)
     d_out, out, lse = d_out.contiguous(), out.contiguous(), lse.to(dtype)
     delta = (d_out * out).sum(dim=-1)  # (B, H, L)
 
