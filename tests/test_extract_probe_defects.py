@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from test_cli import read_output, speechy, write_wav
 from test_extract_faults import TINY, extract, folder, one_line_error, tiny_checkpoint  # noqa: F401 - a fixture
 
+from w2vbert_fast import loading
 from w2vbert_fast.cli.common import random_model
-from w2vbert_fast.extract import audio, model
+from w2vbert_fast.extract import audio
 
 
 def dense_resample(waveform, orig_freq, new_freq, lowpass_filter_width=6, rolloff=0.99):
@@ -176,21 +177,21 @@ def test_a_checkpoint_swapped_with_the_same_size_and_mtime_is_another_model(fold
 
 
 def test_large_weight_files_are_hashed_once_and_a_swap_misses_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(loading, "CACHE_MIN_BYTES", 0)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"a" * 1000)
-    cache = model.DigestCache(str(tmp_path / "cache"))
+    cache = loading.DigestCache(str(tmp_path / "cache"))
     real = cache.sha256(str(weights))
     cache.save()
     stored = json.loads((tmp_path / "cache" / "weights-sha256.json").read_text())
     stored[os.path.realpath(weights)]["sha256"] = "cached"  # a hit returns what the cache holds
     (tmp_path / "cache" / "weights-sha256.json").write_text(json.dumps(stored))
-    assert model.DigestCache(str(tmp_path / "cache")).sha256(str(weights)) == "cached"
+    assert loading.DigestCache(str(tmp_path / "cache")).sha256(str(weights)) == "cached"
     mtime = weights.stat().st_mtime_ns
     time.sleep(0.01)
     weights.write_bytes(b"b" * 1000)  # the same size and mtime, other bytes: the kernel sets a new ctime
     os.utime(weights, ns=(mtime, mtime))
-    again = model.DigestCache(str(tmp_path / "cache")).sha256(str(weights))
+    again = loading.DigestCache(str(tmp_path / "cache")).sha256(str(weights))
     assert again not in ("cached", real) and len(again) == 64
 
 

@@ -7,10 +7,22 @@ random initialisation it would throw away.
 Faults are ValueErrors that name the file and the fix, found as early as possible: a damaged safetensors file and a
 config.json whose sizes disagree with the weights from the headers alone, before any tensor data is read; NaN or
 Inf weights as each tensor is read.
+
+The identity of a checkpoint (:func:`weights_identity`, what ``extract`` records with each output) is a SHA-256 of
+each weight file's bytes, so a checkpoint swapped for another of the same size and modification time is told apart
+(sizes and mtimes were not enough: a probe's stale outputs passed as done). Hashing costs about 1–1.3 s per GB here
+(200 MB: 0.19–0.25 s with the page cache warm, on a shared 2-core machine; w2v-bert-2.0's 2.3 GB about 2.2–2.9 s,
+plus the read when cold: benchmarks/results/extract-cpu-*.json), so files of ``CACHE_MIN_BYTES`` or more are hashed
+once and their digest cached (``W2VBERT_FAST_CACHE``, default ``~/.cache/w2vbert_fast``), keyed by the file's real
+path, device, inode, size, mtime and ctime. ctime is set by the kernel on every change to the file and cannot be
+set back from user space, so a cached digest is used only for the very file that was hashed; a cache that cannot
+be read or written just means hashing again.
 """
 
+import hashlib
 import json
 import os
+import secrets
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +31,8 @@ from .config import Wav2Vec2BertConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CACHE_MIN_BYTES = 64 << 20  # smaller weight files are hashed on every run (64 MB: about 60 ms)
+CACHE_ENTRIES = 256
 
 
 def checkpoint_files(folder) -> list:
@@ -165,3 +179,76 @@ def load_pretrained(cls, folder, dtype=None, device=None):
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_buffers(device)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- identity of a checkpoint
+def weights_identity(folder) -> str:
+    """What tells the weights of checkpoint ``folder`` from any other's: ``"<file> sha256:<hex>"`` per weight file,
+    joined by ``;``. ValueError naming a file that cannot be read."""
+    cache = DigestCache(cache_folder())
+    weights = ";".join(f"{os.path.basename(f)} sha256:{cache.sha256(f)}" for f in checkpoint_files(folder))
+    cache.save()
+    return weights
+
+
+def cache_folder() -> str:
+    return os.environ.get("W2VBERT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "w2vbert_fast")
+
+
+class DigestCache:
+    """SHA-256 digests of large files, keyed by what identifies one version of one file (see the module's
+    docstring); kept in ``folder/weights-sha256.json``, the most recent CACHE_ENTRIES."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "weights-sha256.json")
+        self.changed = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.entries = json.load(f)
+            if not isinstance(self.entries, dict):
+                self.entries = {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, path) -> str:
+        st = os.stat(path)
+        if st.st_size < CACHE_MIN_BYTES:
+            return file_sha256(path)
+        real = os.path.realpath(path)
+        key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = self.entries.get(real)
+        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = file_sha256(path)
+        self.entries.pop(real, None)
+        self.entries[real] = {"key": key, "sha256": digest}  # last: the newest
+        self.changed = True
+        return digest
+
+    def save(self):
+        if not self.changed:
+            return
+        keep = dict(list(self.entries.items())[-CACHE_ENTRIES:])
+        partial = f"{self.path}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(partial, "w", encoding="utf-8") as f:
+                json.dump(keep, f)
+            os.replace(partial, self.path)
+        except OSError:  # a read-only home: hash again next time
+            try:
+                os.remove(partial)
+            except OSError:
+                pass
+
+
+def file_sha256(path) -> str:
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it to identify the model ({error.strerror})") from None

@@ -1,10 +1,10 @@
 """What the commands share: the named architectures of ``--random-weights``, the device and dtype of
 ``--device`` / ``--dtype``, the model a command runs (from explicit values, never the argparse namespace; loaded by
-``extract.model.load_model``), and the usage error that main() prints without a traceback."""
+``extract.pipeline.load_model``), and the usage error that main() prints without a traceback."""
 
 import torch
 
-from ..extract.model import ModelSource, load_model
+from ..extract.pipeline import ModelSource, load_model
 
 ARCHITECTURES = {
     # facebook/w2v-bert-2.0 (600M parameters)

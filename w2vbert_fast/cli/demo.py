@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..extract.audio import bundled_clip_path, read_audio
-from ..extract.model import feature_extractor, load_model
+from ..extract.pipeline import feature_extractor, load_model
 from ..features import FbankExtractor, check_clip
 from ..ops.log_mel_fbank import SAMPLE_RATE
 from .common import CommandError, model_source, resolve_device_dtype

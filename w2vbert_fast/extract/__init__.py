@@ -15,8 +15,8 @@ What can go wrong, and what happens:
   or out-of-date one is redone; one written with another layer, model, dtype or source stops the run before any
   work, naming --overwrite.
 
-Files: inputs (what to read) → ranks (this process's share) → model (what runs) → pipeline (resume plan,
-batches, decode → features + model → writes) → store (the outputs) → ranks (the end: manifest, exit
+Files: inputs (what to read) → ranks (this process's share) → pipeline (the options, the model it runs, resume
+plan, batches, decode → features + model → writes) → store (the outputs) → ranks (the end: manifest, exit
 status); audio decodes and resamples, progress counts, store reads back.
 """
 
@@ -24,10 +24,18 @@ import math
 import sys
 import time
 
-from . import inputs, model, pipeline, store
-from .errors import ExtractError
-from .model import ModelSource
-from .options import ExtractOptions
+
+class ExtractError(Exception):
+    """A fault that would fail every clip, as opposed to one bad clip (which is listed and skipped): a bad option,
+    a damaged checkpoint, an output folder that cannot be written, a full disk. Found before any work where it can
+    be, else it stops the run with what was written complete. Its message names the file or option at fault and
+    the fix; the command line prints it as one line and exits with status 2, so the application never needs the
+    command line's error type."""
+
+
+# after ExtractError: the modules below raise it (``from . import ExtractError``)
+from . import inputs, pipeline, store
+from .pipeline import ExtractOptions, ModelSource
 from .ranks import Job
 from .store import load_features
 
@@ -64,11 +72,11 @@ def extract(options: ExtractOptions, timings=None) -> int:
                            f"(looked for .wav, .flac, …)")
     store.check_layout(options.out, sharded)
     clips, failures = job.split(clips, failures)
-    extractor = model.feature_extractor(options.model)
-    net, description = model.load_model(options.model, job.device, options.dtype)
-    model.check_features(extractor, net, options.model)
-    layer = model.choose_layer(options.layer, net)
-    settings = store.Settings(layer, options.dtype, model.model_identity(options.model, net), options.save_dtype)
+    extractor = pipeline.feature_extractor(options.model)
+    net, description = pipeline.load_model(options.model, job.device, options.dtype)
+    pipeline.check_features(extractor, net, options.model)
+    layer = pipeline.choose_layer(options.layer, net)
+    settings = store.Settings(layer, options.dtype, pipeline.model_identity(options.model, net), options.save_dtype)
     work = pipeline.plan(clips, options.out, settings, net.config.hidden_size, options.overwrite, sharded)
     stored = "" if options.save_dtype in (None, options.dtype) else f", stored as {store.dtype_name(options.save_dtype)}"
     report_plan(work, len(clips) + len(failures), options.out,

@@ -24,8 +24,7 @@ import math
 import os
 from typing import NamedTuple, Optional
 
-from . import audio
-from .errors import ExtractError
+from . import ExtractError, audio
 
 MANIFEST_COLUMNS = ("path", "duration", "sample_rate", "name")
 

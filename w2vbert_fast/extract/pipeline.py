@@ -1,5 +1,13 @@
-"""The work of ``extract`` once its inputs are known: which clips are left to do (resume), batches by length,
-and the pipeline — decode workers → features + model on the device → writers — with failures isolated per clip.
+"""The work of ``extract``: what it is asked, the model it runs, which clips are left to do (resume), batches by
+length, and the pipeline — decode workers → features + model on the device → writers — with failures isolated
+per clip.
+
+What it is asked is an :class:`ExtractOptions`, typed values: the command line builds one from its arguments, a
+program can build one directly. Frozen: ``extract`` reads it and never changes it. Its :class:`ModelSource` says
+where the model comes from (a checkpoint folder, or seeded random weights of an architecture); the model is
+loaded with its feature extractor, whose settings are checked against the model before any work, and its
+identity (``loading.weights_identity``) is recorded with every output. A folder that cannot be used is a clear
+one-line ExtractError.
 
 Three stages, overlapped (``workers`` > 0):
 
@@ -22,25 +30,135 @@ and gets no output; the rest of its batch is written. A write that fails stops t
 writes in flight are done.
 """
 
+import hashlib
 import os
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ..features import check_clip
+from ..config import Wav2Vec2BertConfig
+from ..features import FbankExtractor, check_clip
+from ..loading import weights_identity
+from ..modeling import Wav2Vec2BertModel
 from ..ops.log_mel_fbank import SAMPLE_RATE
-from . import audio, store
+from . import ExtractError, audio, store
 
 PREFETCH = 2  # batches decoded ahead of the device
 IN_FLIGHT = 2  # batches encoded but not yet written, before the main thread waits for the writers
 MAX_WRITERS = 4
+DEFAULT_LAYER = 17  # what TTS systems take from w2v-bert-2.0's 24 layers
 
 
+# -------------------------------------------------------------------------------- what a run is asked
+@dataclass(frozen=True)
+class ModelSource:
+    """``folder``: a transformers-format checkpoint (config.json + model.safetensors); or, when it is None,
+    seeded random weights of ``architecture`` (config.json keys) named ``name`` — for tests and quick checks."""
+
+    folder: Optional[str] = None
+    architecture: Optional[dict] = None
+    name: str = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.folder is None) == (self.architecture is None):
+            raise ValueError("ModelSource takes a checkpoint folder or a random architecture, exactly one")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    out: str  # the output folder
+    model: ModelSource
+    inputs: Tuple[str, ...] = ()  # audio files and folders (searched recursively)
+    list_file: Optional[str] = None  # a text file of audio paths, one per line
+    manifest: Optional[str] = None  # JSON lines or TSV: path and optionally duration, sample rate, name (inputs.py)
+    layer: Optional[int] = None  # None: 17, or the last layer of a model with fewer
+    batch_seconds: float = 60.0  # padded audio per batch
+    # under torchrun a CUDA device becomes cuda:LOCAL_RANK
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    save_dtype: Optional[torch.dtype] = None  # the dtype the hidden states are stored in (None: dtype)
+    shard_size: Optional[int] = None  # clips per shard file (store.py); None: one file per clip
+    workers: int = 4  # decode threads (and up to 4 writer threads); 0: every stage in turn on the main thread
+    resample: bool = False  # clips at another rate are resampled to 16 kHz (else listed as failed)
+    downmix: bool = False  # multi-channel clips are averaged to mono (else listed as failed)
+    overwrite: bool = False  # replace outputs computed with another layer, model, dtype or source
+    quiet: bool = False  # no progress line
+    rank_timeout: float = 300.0  # under torchrun: seconds of silence after which a rank counts as lost
+
+
+# ---------------------------------------------------------------------------------- the model it runs
+def load_model(source: ModelSource, device, dtype):
+    """(model in eval mode on ``device`` in ``dtype``, a one-line description of it)."""
+    if source.folder is not None:
+        try:
+            model = Wav2Vec2BertModel.from_pretrained(source.folder, dtype=dtype, device=device)
+        except (OSError, ValueError) as error:  # each names the file at fault and the fix
+            raise ExtractError(f"--model {source.folder}: {error}") from None
+        return model, f"{source.folder}"
+    torch.manual_seed(source.seed)  # built on the CPU, so the same seed gives the same weights on any device
+    model = Wav2Vec2BertModel(Wav2Vec2BertConfig(**source.architecture)).to(device=device, dtype=dtype).eval()
+    return model, f"{source.name} architecture, random weights (seed {source.seed})"
+
+
+def feature_extractor(source: ModelSource) -> FbankExtractor:
+    """The checkpoint's preprocessor_config.json settings when it has one, else w2v-bert-2.0's. Padding on the
+    right and the attention mask always: where the padding goes changes no clip's hidden states, and extract
+    slices each clip's frames from the start."""
+    folder = source.folder
+    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        try:
+            return FbankExtractor.from_pretrained(folder, padding_side="right", return_attention_mask=True)
+        except (OSError, ValueError, TypeError) as error:
+            raise ExtractError(f"--model {folder}: {error}") from None
+    return FbankExtractor()
+
+
+def check_features(extractor, model, source: ModelSource):
+    """ExtractError, before any work, if the extractor's rows do not fit the model's feature projection (e.g.
+    ``"stride": 3`` in preprocessor_config.json: 240 values a row for a model that takes 160)."""
+    width = extractor.num_mel_bins * extractor.stride
+    expected = model.config.feature_projection_input_dim
+    if width != expected or extractor.stride != 2:  # 2: the frame pairs store.hidden_frames counts
+        where = f"--model {source.folder}: {os.path.join(source.folder, 'preprocessor_config.json')}" \
+            if source.folder else "the feature extractor"
+        raise ExtractError(f"{where} gives stride {extractor.stride} ({width} values a "
+                           f"row) and config.json's feature_projection_input_dim is {expected}: extract takes stride 2 "
+                           f"and 160 (2 × {extractor.num_mel_bins} mel bins, as w2v-bert-2.0); fix the stride or "
+                           f"delete the file")
+
+
+def choose_layer(requested, model) -> int:
+    """The hidden state to extract (0 = after the feature projection, N = output of layer N): ``requested`` if
+    this model has it; None: DEFAULT_LAYER, or the last layer of a model with fewer."""
+    layers = model.config.num_hidden_layers
+    layer = min(DEFAULT_LAYER, layers) if requested is None else requested
+    if not 0 <= layer <= layers:
+        raise ExtractError(f"--layer must be between 0 (the input to the first layer) and {layers} (the last "
+                           f"layer's output) for this model, got {layer}")
+    return layer
+
+
+def model_identity(source: ModelSource, model) -> dict:
+    """Output metadata that tells one model from another: a hash of its config, and of each weight file's bytes
+    (or the seed of random weights)."""
+    config = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
+    if source.folder is None:
+        weights = f"random {source.name} seed {source.seed}"
+    else:
+        try:
+            weights = weights_identity(source.folder)
+        except ValueError as error:  # a weight file that cannot be read; the message names it
+            raise ExtractError(str(error)) from None
+    return {"model_config_sha256": config, "model_weights": weights}
+
+
+# ------------------------------------------------------------ the work: resume, batches, the pipeline
 @dataclass(frozen=True)
 class Task:
     """A clip to extract: its audio, its output's name (and file, per clip), its length and rate (from the header

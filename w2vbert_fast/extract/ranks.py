@@ -41,8 +41,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import inputs, progress, store
-from .errors import ExtractError
+from . import ExtractError, inputs, progress, store
 
 BEAT_SECONDS = 1.0
 MANIFEST = "manifest.json"

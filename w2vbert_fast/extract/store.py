@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from ..ops.log_mel_fbank import SAMPLE_RATE, num_frames
-from .errors import ExtractError
+from . import ExtractError
 
 # metadata that names what an output was computed with: another value means another result, not a damaged file
 SETTINGS = ("layer", "dtype", "model_config_sha256", "model_weights", "source")
