@@ -32,6 +32,15 @@ def folder(tmp_path):
     return path
 
 
+def write_corpus(folder, lengths):
+    """``lengths`` ({name: seconds}; a name may hold a sub-folder) as 16 kHz WAV clips under ``folder``."""
+    for i, (name, seconds) in enumerate(lengths.items()):
+        path = folder / f"{name}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(path, speechy(seconds, i))
+    return folder
+
+
 def extract(*args):
     return main(["extract", *map(str, args)])
 

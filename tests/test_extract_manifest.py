@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from test_cli import read_output, speechy, write_wav
-from test_extract_faults import extract, one_line_error
+from test_cli import read_output
+from test_extract_faults import extract, one_line_error, write_corpus
 
 from w2vbert_fast.extract import audio
 
@@ -16,11 +16,7 @@ LENGTHS = {"a": 1.0, "b": 0.5, "sub/c": 0.7}
 
 @pytest.fixture
 def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
-    for i, (name, seconds) in enumerate(LENGTHS.items()):
-        write_wav(folder / f"{name}.wav", speechy(seconds, i))
-    return folder
+    return write_corpus(tmp_path / "corpus", LENGTHS)
 
 
 def no_header_reads(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_fp32_close
 from test_cli import read_output, speechy, write_wav
-from test_extract_faults import extract, one_line_error
+from test_extract_faults import extract, one_line_error, write_corpus
 
 import w2vbert_fast
 
@@ -18,11 +18,7 @@ LENGTHS = {"a": 1.0, "b": 0.5, "c": 0.7, "sub/d": 1.3, "e": 0.9}
 
 @pytest.fixture
 def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
-    for i, (name, seconds) in enumerate(LENGTHS.items()):
-        write_wav(folder / f"{name}.wav", speechy(seconds, i))
-    return folder
+    return write_corpus(tmp_path / "corpus", LENGTHS)
 
 
 def shard_files(out):
