@@ -174,7 +174,7 @@ def summary(run, clips, audio_seconds):
 
 def resample_figures():
     code = ("import resource, time, torch, sys; sys.path.insert(0, %r)\n"
-            "from w2vbert_fast.extract.resample import resample_audio\n"
+            "from w2vbert_fast.extract.audio import resample_audio\n"
             "x = torch.randn(16001) * 0.3; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "start = time.perf_counter(); y = resample_audio(x, 16001, 16000); first = time.perf_counter() - start\n"
             "start = time.perf_counter(); resample_audio(x, 16001, 16000); again = time.perf_counter() - start\n"
@@ -204,7 +204,7 @@ def hash_figures(folder):
     seconds = time.perf_counter() - start
     os.remove(path)
     return dict(file_mb=200, sha256_s=round(seconds, 3), extrapolated_2_3_gb_s=round(seconds * 2300 / 200, 2),
-                note="page cache warm; cached per file version (model.py) so a rerun pays it once")
+                note="page cache warm; cached per file version (loading.py) so a rerun pays it once")
 
 
 def gpu_busy_fraction(corpus, out, batch_seconds):
