@@ -233,7 +233,13 @@ class FbankExtractor:
 
     def _place(self, features, counts, frames):
         """(B, F, 80) right-aligned frames → (B, frames, 80) with each clip's first ``counts`` frames on the
-        padding side's end and ``padding_value`` elsewhere, and the (B, frames) int32 mask."""
+        padding side's end and ``padding_value`` elsewhere, and the (B, frames) int32 mask. On the CPU per clip with
+        numpy, on the calling thread (see ``_place_on_host``); elsewhere batched tensor ops with no host sync."""
+        if features.device.type == "cpu":
+            return _place_on_host(features, counts, frames, self.padding_side, self.padding_value)
+        return self._place_on_device(features, counts, frames)
+
+    def _place_on_device(self, features, counts, frames):
         available = features.shape[1]
         positions = torch.arange(frames, device=features.device)
         counts = _host_to_device(counts, features.device)
@@ -433,12 +439,34 @@ def _padded_waveforms(checked, device):
     """Checked clips → (B, N) float32 right-padded waveforms and (B,) lengths on ``device``: assembled where the
     clips are (pinned host memory for host clips going to a GPU), then one non-blocking copy."""
     sizes = [c.shape[0] for c in checked]
+    if device.type == "cpu":
+        # numpy on the calling thread: see _place_on_host
+        waveforms = np.zeros((len(checked), max(sizes)), dtype=np.float32)
+        for i, clip in enumerate(checked):
+            waveforms[i, : clip.shape[0]] = clip.cpu().numpy()
+        return torch.from_numpy(waveforms), torch.tensor(sizes)
     staging = device if all(c.device == device for c in checked) else torch.device("cpu")
     pinned = staging.type == "cpu" and device.type == "cuda"
     waveforms = torch.zeros(len(checked), max(sizes), dtype=torch.float32, device=staging, pin_memory=pinned)
     for i, clip in enumerate(checked):
         waveforms[i, : clip.shape[0]] = clip.to(staging)
     return waveforms.to(device, non_blocking=True), _host_to_device(sizes, device)
+
+
+def _place_on_host(features, counts, frames, padding_side, padding_value):
+    """``FbankExtractor._place`` for CPU tensors, per clip with numpy. The CPU work of a batch is a few ms in all:
+    as PyTorch ops over the batch each step would be a parallel region of torch's threads, and on a shared CPU
+    (other processes busy, a cgroup quota below the cores it sees) every region waits for a descheduled worker
+    thread, up to a scheduler time slice each (``benchmarks/bench_cpu_contention.py``). numpy never starts threads
+    for these."""
+    source = features.numpy()
+    placed = np.full((len(counts), frames, source.shape[2]), padding_value, dtype=np.float32)
+    real = np.zeros((len(counts), frames), dtype=np.int32)
+    for i, count in enumerate(counts):
+        rows = slice(0, count) if padding_side == "right" else slice(frames - count, frames)
+        placed[i, rows] = source[i, :count]
+        real[i, rows] = 1
+    return torch.from_numpy(placed), torch.from_numpy(real)
 
 
 def _examples(processed_features):
@@ -516,10 +544,16 @@ def check_clip(clip, name="clip") -> torch.Tensor:
             f"{name} has {samples} samples, a single frame (fewer than {MIN_SAMPLES}, 35 ms at 16 kHz): its "
             f"per-bin variance is undefined (transformers returns NaN features); give at least {MIN_SAMPLES} samples"
         )
-    tensor = tensor.to(torch.float32)
-    # one pass, no copy, one sync for both checks: aminmax gives NaN for both ends when any sample is NaN
-    low, high = torch.aminmax(tensor)
-    peak = float(torch.maximum(-low, high))
+    if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
+        # numpy on the calling thread (see _place_on_host); min and max are NaN when any sample is NaN
+        array = np.asarray(tensor.numpy(), dtype=np.float32)
+        peak = float(np.maximum(-array.min(), array.max()))
+        tensor = torch.from_numpy(array)
+    else:
+        tensor = tensor.to(torch.float32)
+        # one pass, no copy, one sync for both checks: aminmax gives NaN for both ends when any sample is NaN
+        low, high = torch.aminmax(tensor)
+        peak = float(torch.maximum(-low, high))
     if not math.isfinite(peak):
         raise ValueError(f"{name} contains NaN or Inf samples")
     if peak > MAX_ABS_SAMPLE:

@@ -19,8 +19,8 @@ arithmetic runs in the framing kernel only (the compile check checks the machine
 normalisation is a few batched tensor ops over (B, F, 80).
 
 Three implementations (see ``log_mel_fbank``): the kernels; the fast CPU path (``auto`` on CPU tensors), the same
-arithmetic with PyTorch ops over chunks of 256 frames of one clip, fp64 framing and pocketfft/MKL fp64 FFT, the mel
-sum as five banded blocks, normalisation in place per clip, ~8× faster than transformers' extractor with 2 cores
+arithmetic over chunks of 64 frames of one clip on the calling thread (numpy: fp64 framing, pocketfft fp64 FFT, the
+mel sum as five banded blocks, normalisation in place per clip; no parallel region to stall on a shared CPU)
 (``log_mel_cpu``); and the literal reference, transformers' steps one clip at a time (``log_mel_reference``), the
 tests' oracle (``W2VBERT_FAST_BACKEND=torch``).
 
@@ -45,7 +45,7 @@ MEL_FLOOR = 1.192092955078125e-07
 PREEMPHASIS = 0.97
 INT16_SCALE = 32768.0
 VARIANCE_EPS = 1e-7
-_CHUNK_ROWS = 256  # frames per step of the CPU path (its fp64 buffers stay in the cache)
+_CHUNK_ROWS = 64  # frames per step of the CPU path (its fp64 buffers stay in the cache; see log_mel_cpu)
 _NUM_BINS = 256  # DFT bins 0 … 255; bin 256 (8 kHz) has zero weight in every filter
 
 
@@ -115,40 +115,49 @@ def log_mel_fbank_reference(waveforms, lengths):
 @functools.lru_cache(maxsize=None)
 def _mel_filter_blocks(groups=5):
     """The interleaved filters cut into ``groups`` blocks of consecutive mel bins, each with only the rows (DFT bins
-    × re/im) where one of its filters is non-zero: (low, high, mel_low, mel_high, (high − low, mel_high − mel_low))."""
+    × re/im) where one of its filters is non-zero: (low, high, mel_low, mel_high, (high − low, mel_high − mel_low))
+    float32 numpy array)."""
     filters, blocks, width = _interleaved_mel_filters(), [], NUM_MEL_BINS // groups
     for mel_low in range(0, NUM_MEL_BINS, width):
-        rows = (filters[:, mel_low:mel_low + width] != 0).any(1).nonzero()[:, 0]
+        rows = np.flatnonzero((filters[:, mel_low:mel_low + width] != 0).any(1))
         low, high = int(rows[0]), int(rows[-1]) + 1
-        blocks.append((low, high, mel_low, mel_low + width, filters[low:high, mel_low:mel_low + width].contiguous()))
+        blocks.append((low, high, mel_low, mel_low + width,
+                       np.ascontiguousarray(filters[low:high, mel_low:mel_low + width])))
     return tuple(blocks)
 
 
 @functools.lru_cache(maxsize=None)
-def _scaled_window() -> torch.Tensor:
+def _scaled_window() -> np.ndarray:
     """The povey window × 32768 (the int16 scale, folded in), fp64."""
-    return torch.from_numpy(povey_window() * INT16_SCALE)
+    return povey_window() * INT16_SCALE
 
 
 @functools.lru_cache(maxsize=None)
-def _interleaved_mel_filters() -> torch.Tensor:
-    """(514, 80): the filters repeated for the real and imaginary part of each bin, so the power spectrum and
-    the mel sum are one square and one matmul over the FFT output viewed as reals."""
-    return torch.from_numpy(np.repeat(kaldi_mel_filters(), 2, axis=0)).float()
+def _interleaved_mel_filters() -> np.ndarray:
+    """(514, 80) float32: the filters repeated for the real and imaginary part of each bin, so the power spectrum
+    and the mel sum are one square and one matmul over the FFT output viewed as reals."""
+    return np.repeat(kaldi_mel_filters(), 2, axis=0).astype(np.float32)
 
 
 def log_mel_cpu(waveforms, lengths, normalize=False):
     """Log-mel (B, 1 + (N − 400) // 160, 80) float32 of a right-padded batch, normalised per clip and mel bin when
     ``normalize`` (as :func:`log_mel_fbank_reference`); frames past a clip's end are 0.
 
-    The steps transformers runs per frame, as tensor ops over chunks of up to 256 frames of one clip, in fp64 (the
-    fp32 samples are exact in it): the chunk's samples are copied to fp64 once; pre-emphasis runs over them once
-    (it is linear: a frame's DC removal becomes a rank-one term, − 0.03·mean·window, with the frame sums from
-    80-sample blocks, a frame being five of them; each frame's first sample is redone against itself, 0.03·x₀·w₀);
-    the frames are a strided view of that, × the window (×32768 folded in), written into a buffer pre-padded to 512
-    (asking torch to pad is 6× slower); one fp64 real FFT; |X|² and the mel sum. Chunks keep every fp64 buffer in
-    the cache and allocate next to nothing once: on a small VM, the page faults of whole-batch fp64 buffers cost as
-    much as the arithmetic.
+    The steps transformers runs per frame, over chunks of up to 64 frames of one clip, in fp64 (the fp32 samples
+    are exact in it): the chunk's samples are copied to fp64 once; pre-emphasis runs over them once (it is linear:
+    a frame's DC removal becomes − 0.03·mean, with the frame sums from 80-sample blocks, a frame being five of
+    them; each frame's first sample is redone against itself, 0.03·(x₀ − mean)); the frames are a strided view of
+    that, written into a buffer pre-padded to 512 and × the window (×32768 folded in); one fp64 real FFT
+    (numpy's pocketfft, the FFT transformers' extractor runs); |X|² and the mel sum. Chunks keep every fp64 buffer
+    in the cache and allocate next to nothing once: on a small VM, the page faults of whole-batch fp64 buffers cost
+    as much as the arithmetic.
+
+    Every step runs on the calling thread, whatever torch's thread count: numpy's element-wise operations and FFT
+    never start threads, and each mel GEMM (64 frames × at most 226 reals × 16 bins, 0.23 M multiply-adds) is below
+    the size at which OpenBLAS starts its threads (0.26 M). The whole batch is a few ms of work cut into hundreds of
+    small steps: run as PyTorch ops with several threads, each step was a parallel region, and on a shared CPU each
+    region waits for a descheduled worker thread, up to a scheduler time slice (measured, before and after, quiet
+    and with every core busy: ``benchmarks/bench_cpu_contention.py``, README "On a CPU").
 
     Precision as transformers: it frames and transforms in fp64 but stores the spectrum as complex64, so rounding the
     FFT output to fp32 first loses nothing; |X|² and the mel sum of positive terms in fp32 keep ~1e-7 relative
@@ -157,53 +166,75 @@ def log_mel_cpu(waveforms, lengths, normalize=False):
     """
     batch, total = waveforms.shape
     sizes = lengths.to(torch.int64).cpu().tolist()
-    source = waveforms.detach().cpu()
+    source = waveforms.detach().cpu().float().numpy()
     max_frames = int(num_frames(total))
-    out = torch.empty(batch, max_frames, NUM_MEL_BINS, dtype=torch.float32)
+    out = np.empty((batch, max_frames, NUM_MEL_BINS), dtype=np.float32)
     window = _scaled_window()  # fp64
-    first_weight = (1 - PREEMPHASIS) * window[0].item()
     chunk = min(max_frames, _CHUNK_ROWS)
     span = (chunk - 1) * HOP_LENGTH + FRAME_LENGTH
-    segment = torch.empty(span, dtype=torch.float64)
-    emphasised = torch.empty(span, dtype=torch.float64)
-    framed = torch.empty(chunk, FFT_LENGTH, dtype=torch.float64)
-    framed[:, FRAME_LENGTH:] = 0.0
-    power = torch.empty(chunk, 2 * (FFT_LENGTH // 2 + 1), dtype=torch.float32)
+    segment = np.empty(span)  # fp64
+    emphasised = np.empty(span)
+    framed = np.zeros((chunk, FFT_LENGTH))  # columns 400 … 511 stay 0: the FFT's padding
+    spectrum = np.empty((chunk, FFT_LENGTH // 2 + 1), dtype=np.complex128)
+    power = np.empty((chunk, 2 * (FFT_LENGTH // 2 + 1)), dtype=np.float32)
+    dc_weight = (1 - PREEMPHASIS) / FRAME_LENGTH
+    step = emphasised.strides[0]
     for clip, n in enumerate(sizes):
         count = 1 + (n - FRAME_LENGTH) // HOP_LENGTH
         for start in range(0, count, chunk):
             size = min(chunk, count - start)
             length = (size - 1) * HOP_LENGTH + FRAME_LENGTH
-            x = segment[:length].copy_(source[clip, start * HOP_LENGTH: start * HOP_LENGTH + length])  # exact
+            x = segment[:length]
+            x[:] = source[clip, start * HOP_LENGTH: start * HOP_LENGTH + length]  # exact
             e = emphasised[:length]
-            torch.sub(x[1:], x[:-1], alpha=PREEMPHASIS, out=e[1:])  # e[0] is unused: column 0 is set below
+            np.multiply(x[:-1], -PREEMPHASIS, out=e[1:])
+            e[1:] += x[1:]  # e[0] is unused: column 0 is set below
+            frames = np.lib.stride_tricks.as_strided(e, (size, FRAME_LENGTH), (HOP_LENGTH * step, step))
+            blocks = x.reshape(-1, 80).sum(1)  # frame sums from 80-sample blocks, a frame being 5 of them
+            sums = np.lib.stride_tricks.as_strided(blocks, (size, 5), (2 * blocks.strides[0], blocks.strides[0]))
+            sums = sums.sum(1)
             body = framed[:size, :FRAME_LENGTH]
-            torch.mul(e.unfold(0, FRAME_LENGTH, HOP_LENGTH), window, out=body)
-            torch.mul(x[: size * HOP_LENGTH : HOP_LENGTH], first_weight, out=body[:, 0])  # against itself
-            sums = x.view(-1, 80).sum(1).unfold(0, 5, 2).sum(1)  # frame sums from 80-sample blocks
-            body.addr_(sums, window, alpha=-(1 - PREEMPHASIS) / FRAME_LENGTH)
-            spectrum = torch.view_as_real(torch.fft.rfft(framed[:size], dim=-1)).view(size, -1)
-            squared = power[:size].copy_(spectrum).square_()
+            np.subtract(frames, (dc_weight * sums)[:, None], out=body)
+            # each frame's first sample against itself: 0.03 · (x₀ − mean)
+            body[:, 0] = (1 - PREEMPHASIS) * (x[: size * HOP_LENGTH: HOP_LENGTH] - sums / FRAME_LENGTH)
+            body *= window
+            spec = _rfft(framed[:size], spectrum[:size])
+            squared = power[:size]
+            squared[:] = spec.view(np.float64)  # rounded to fp32 first, as transformers' complex64 spectrum
+            np.square(squared, out=squared)
             mel = out[clip, start:start + size]
             # the filter bank is banded: five (bins × 16 mel) blocks hold every non-zero weight, 1/5 of the work
             for low, high, mel_low, mel_high, block in _mel_filter_blocks():
-                torch.mm(squared[:, low:high], block, out=mel[:, mel_low:mel_high])
-        log_mel = out[clip, :count].clamp_min_(MEL_FLOOR).log_()
+                mel[:, mel_low:mel_high] = squared[:, low:high] @ block
+        log_mel = out[clip, :count]
+        np.log(np.maximum(log_mel, MEL_FLOOR, out=log_mel), out=log_mel)  # NaN stays NaN
         if normalize:
             _normalize_clip_(log_mel)
         out[clip, count:] = 0.0
-    return out
+    return torch.from_numpy(out)
+
+
+# numpy ≥ 2.0 writes an FFT into a given buffer; older numpy allocates it
+_RFFT_TAKES_OUT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+def _rfft(frames, out):
+    """The fp64 real FFT of each row of ``frames`` (… , 512) → (…, 257) complex128, into ``out`` where numpy can."""
+    if _RFFT_TAKES_OUT:
+        return np.fft.rfft(frames, axis=-1, out=out)
+    return np.fft.rfft(frames, axis=-1)
 
 
 def _normalize_clip_(log_mel):
-    """In place, one clip's (frames, 80): as :func:`log_mel_fbank_reference`, in fp32 like transformers."""
+    """In place, one clip's (frames, 80) numpy array: as :func:`log_mel_fbank_reference`, in fp32 like transformers,
+    the sums over frames accumulated in fp64."""
     frames = log_mel.shape[0]
-    log_mel.sub_(log_mel.mean(0))
+    log_mel -= log_mel.mean(0, dtype=np.float64).astype(np.float32)
     if frames < 2:  # one frame: no variance (transformers returns NaN); x − mean = 0 is our defined output
-        log_mel.zero_()
+        log_mel[:] = 0.0
         return
-    variance = log_mel.square().sum(0).div_(frames - 1)
-    log_mel.div_(variance.add_(VARIANCE_EPS).sqrt_())
+    variance = (np.square(log_mel).sum(0, dtype=np.float64) / (frames - 1)).astype(np.float32)
+    log_mel /= np.sqrt(variance + np.float32(VARIANCE_EPS))
 
 
 def log_mel_fbank_cpu(waveforms, lengths, normalize=True):
