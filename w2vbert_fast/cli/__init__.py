@@ -11,11 +11,13 @@ The standalone path (extract) never imports transformers.
 """
 
 import argparse
+import os
 import sys
 
 from ..extract import ExtractError, ExtractOptions, extract
 from . import bench, demo
 from .common import ARCHITECTURES, DTYPES, CommandError, model_source, resolve_device_dtype
+from .threads import command_threads
 
 
 def extract_options(args) -> ExtractOptions:
@@ -34,7 +36,15 @@ def extract_options(args) -> ExtractOptions:
 
 def add_runtime_options(parser):
     parser.add_argument("--device", help="cuda, cuda:1, cpu … (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU "
+                                                                "(bfloat16 runs on a CPU too: README 'On a CPU')")
+    add_threads_option(parser)
+
+
+def add_threads_option(parser):
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch's threads (default: OMP_NUM_THREADS when set, else the CPUs this process may "
+                             "use: its affinity mask capped by its cgroup CPU quota)")
 
 
 def add_model_options(parser, random_default=None):
@@ -113,6 +123,7 @@ def build_parser():
                                         f"benchmarks/results/ and RESULTS.md is regenerated; on a CPU it is a smoke "
                                         f"run printed to stdout. Needs the test extras: pip install -e \".[test]\".")
     p.add_argument("--json", help="where to write the pytest-benchmark JSON")
+    add_threads_option(p)
     p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                    help=f"the one-call campaign instead ({bench.CAMPAIGN}): GPU-only tests, then the benchmarks in "
                         f"priority order, within SECONDS; JSON written after each case")
@@ -139,11 +150,14 @@ def main(argv=None) -> int:
     if args.command == "extract":
         check_extract_arguments(parser, args)
     try:
-        if args.command == "extract":
-            return extract(extract_options(args))
-        if args.command == "bench":
-            return bench.bench(args, unknown)
-        return demo.demo(args)
+        with command_threads(args.threads) as threads:  # before any work; the start line says why
+            if args.command == "extract":
+                if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+                    print(f"extract: {threads.describe()}", file=sys.stderr, flush=True)
+                return extract(extract_options(args))
+            if args.command == "bench":
+                return bench.bench(args, unknown, threads)
+            return demo.demo(args, threads)
     except (CommandError, ExtractError) as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2

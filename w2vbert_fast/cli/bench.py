@@ -28,7 +28,8 @@ def missing_test_extras() -> list:
     return [package for module, package in TEST_EXTRAS.items() if importlib.util.find_spec(module) is None]
 
 
-def bench(args, pytest_args) -> int:
+def bench(args, pytest_args, threads=None) -> int:
+    """``threads``: the ThreadChoice (cli.threads) the benchmark processes get, as OMP_NUM_THREADS."""
     if not os.path.isfile(os.path.join(BENCHMARKS, "conftest.py")):
         print("bench needs a checkout of the w2vbert_fast repository (its benchmarks/ folder is not installed with "
               "the package):\n  git clone … && cd w2vbert_fast && pip install -e '.[test]' && "
@@ -39,17 +40,30 @@ def bench(args, pytest_args) -> int:
         print(f"bench needs the test extras, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
               f"installed: pip install -e \".[test]\" (in {REPO})", file=sys.stderr)
         return 2
+    env = dict(os.environ)
+    if threads is not None:
+        print(f"bench: {threads.describe()}", file=sys.stderr, flush=True)
+        env["OMP_NUM_THREADS"] = str(threads.threads)  # the benchmark processes' torch reads it at start
     if args.budget_s is not None:
         campaign = runpy.run_path(os.path.join(REPO, CAMPAIGN), run_name="w2vbert_fast_campaign")
         out = ["--out", args.out] if args.out else []
-        return campaign["main"](["--budget-s", str(args.budget_s), *out, *pytest_args])
+        saved = os.environ.get("OMP_NUM_THREADS")
+        if "OMP_NUM_THREADS" in env:
+            os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]  # the campaign's cases inherit it
+        try:
+            return campaign["main"](["--budget-s", str(args.budget_s), *out, *pytest_args])
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
     on_gpu = torch.cuda.is_available()
     json_path = args.json or default_json_path(on_gpu)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     command = [sys.executable, "-m", "pytest", BENCHMARKS, "--benchmark-only", "--benchmark-quiet", "-q",
                f"--benchmark-json={json_path}", *pytest_args]
     print("running: " + " ".join(command), file=sys.stderr, flush=True)
-    status = subprocess.run(command, cwd=REPO).returncode
+    status = subprocess.run(command, cwd=REPO, env=env).returncode
     if not os.path.isfile(json_path):
         print(f"pytest exited with {status} and wrote no {json_path}", file=sys.stderr)
         return status or 1

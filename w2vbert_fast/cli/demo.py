@@ -112,7 +112,8 @@ def read_clip(path):
     return clip
 
 
-def demo(args):
+def demo(args, threads=None):
+    """``threads``: the ThreadChoice the command runs with (cli.threads), shown in the start line."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     use_transformers = transformers_available(not args.no_transformers)
     path = args.audio or bundled_clip_path()
@@ -120,7 +121,7 @@ def demo(args):
     source = model_source(args.model, args.random_weights, args.seed)
 
     print(f"w2vbert_fast demo on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"{str(dtype)[6:]}")
+          f"{str(dtype)[6:]}" + (f", {threads.describe()}" if threads else ""))
     if device.type != "cuda":
         print("  no CUDA device: the fast path runs its CPU implementation (PyTorch, chunked O(L) attention); the "
               "Triton kernels need a GPU.\n  Short clips are matmul-bound on a CPU (the same Linear layers on both "
