@@ -71,36 +71,6 @@ def test_non_swish_activation_uses_the_unfused_conv_path_and_matches():
     compare(hf, our_model_like(hf))
 
 
-def holed_batch(feature_dim):
-    features, _ = ragged_batch([21, 21], feature_dim)
-    mask = torch.ones(2, 21, dtype=torch.long)
-    mask[0, 4:9] = 0  # a hole in the middle, then real frames again
-    return features, mask
-
-
-@pytest.mark.parametrize("validate", ["auto", "1"], ids=["default-on-cpu", "validate-flag"])
-def test_mask_with_holes_is_a_value_error_naming_the_row_when_values_are_checked(monkeypatch, validate):
-    # masks are read as right padding; the host check that tells holes apart runs where it costs no device sync
-    # (CPU tensors, by default) or when W2VBERT_FAST_VALIDATE=1 asks for it
-    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", validate)
-    hf = transformers_model()
-    features, mask = holed_batch(hf.config.feature_projection_input_dim)
-    with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[0\] are not right padding"):
-        our_model_like(hf)(features, attention_mask=mask)
-
-
-def test_unchecked_mask_with_holes_reads_as_right_padding_with_the_same_counts(monkeypatch):
-    monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "0")
-    hf = transformers_model()
-    ours = our_model_like(hf)
-    features, mask = holed_batch(hf.config.feature_projection_input_dim)
-    right_padded = (torch.arange(21)[None, :] < mask.sum(1, keepdim=True)).long()
-    with torch.no_grad():
-        out = ours(features, attention_mask=mask).last_hidden_state
-        ref = hf(features, attention_mask=right_padded).last_hidden_state
-    assert max_diff_on_valid(out, ref, right_padded.sum(1).tolist()) <= FP32_ATOL
-
-
 def test_unknown_validate_mode_is_a_value_error(monkeypatch):
     monkeypatch.setenv("W2VBERT_FAST_VALIDATE", "sometimes")
     hf = transformers_model()

@@ -121,7 +121,9 @@ def config_id(config):
 
 
 def tuned_configs(tables):
-    return [pytest.param(c, id=f"{precision}-{config_id(c)}") for precision, table in tables.items() for c in table]
+    """Every config once (the key-mask builds' tables are subsets of their precision's)."""
+    return [pytest.param(c, id=f"{precision}-{config_id(c)}") for precision, table in tables.items()
+            if "+" not in precision for c in table]
 
 
 @pytest.mark.parametrize("config", tuned_configs(kernel_module.FORWARD_CONFIGS))
@@ -140,24 +142,32 @@ def test_every_tuned_forward_config_gives_the_same_result(config):
                          ids=["forward", "dkdv", "dq"])
 @pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "half"), (torch.float16, "half"),
                                               (torch.float32, "fp32")])
-def test_the_gpu_autotuner_tries_only_the_configs_checked_for_the_input_precision(tables, kernel, dtype, precision):
-    """fp32's dots hold twice the operands: the half-precision tiles would cut it to 8 resident warps per SM. The
-    compile check compiles what LAUNCH_META lists for the dtype: exactly what the autotuner keeps."""
+@pytest.mark.parametrize("with_key_mask", [False, True], ids=["lengths", "key-mask"])
+def test_the_gpu_autotuner_tries_only_the_configs_checked_for_the_input_precision(tables, kernel, dtype, precision,
+                                                                                  with_key_mask):
+    """fp32's dots hold twice the operands: the half-precision tiles would cut it to 8 resident warps per SM; the
+    key-mask build keeps the tiles that fit it. The compile check compiles what LAUNCH_META lists for the dtype and
+    the build: exactly what the autotuner keeps."""
     gpu_configs = kernel_module._configs(tables, interpreted=False)
-    assert len(gpu_configs) == sum(map(len, tables.values()))
+    assert len(gpu_configs) == len({id(c) for table in tables.values() for c in table})
     q = torch.empty(1, 8, 1, 64, dtype=dtype)
-    meta = kernel_module._common_meta(q, 3, 5, None, True)
+    key_mask = torch.ones(1, 8, dtype=torch.bool) if with_key_mask else None
+    meta = kernel_module._common_meta(q, 3, 5, None, True, key_mask)
     kept = kernel_module._pruner(tables)(gpu_configs, {"q_ptr": q}, **meta)
-    assert [c.all_kwargs() for c in kept] == [c.all_kwargs() for c in tables[precision]]
-    assert all(c.maxnreg == config.maxnreg for c, config in zip(kept, tables[precision]))
-    checked = kernel_module.LAUNCH_META[kernel].configs(str(dtype).removeprefix("torch."))
+    table = tables.get(precision + "+key_mask", tables[precision]) if with_key_mask else tables[precision]
+    assert [c.all_kwargs() for c in kept] == [c.all_kwargs() for c in table]
+    assert all(c.maxnreg == config.maxnreg for c, config in zip(kept, table))
+    assert all(c in tables[precision] for c in table)  # a subset: the key-mask build never runs an unchecked tile
+    checked = kernel_module.LAUNCH_META[kernel + ("+key_mask" if with_key_mask else "")].configs(
+        str(dtype).removeprefix("torch."))
     assert [c.all_kwargs() for c in checked] == [c.all_kwargs() for c in kept]
 
 
 def test_fp64_on_a_gpu_runs_the_reference_not_an_unchecked_kernel_config(monkeypatch):
     q, k, v, table = (t.double() for t in make_inputs(1, 9, 1, 8, 3, 5))
     monkeypatch.setenv("W2VBERT_FAST_BACKEND", "auto")
-    monkeypatch.setattr(_backend, "use_triton", lambda *tensors: True)  # as on CUDA tensors
+    monkeypatch.setattr(_backend, "device_of", lambda *tensors: torch.device("cuda", 0))  # as on CUDA tensors
+    monkeypatch.setattr(_backend, "device_capability", lambda device: (9, 0))  # of an H100
     monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
     ran = []
     real = kernel_module._rel_key_attention_op

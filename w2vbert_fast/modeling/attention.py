@@ -132,7 +132,8 @@ class Wav2Vec2BertSelfAttention(nn.Module):
                 out = ops.rel_key_attention(q, k, v, table, left, right, self.scaling)
             else:
                 out = ops.rel_key_attention(q, k, v, table, left, right, self.scaling, padding.lengths,
-                                            zero_padded_queries=not padding.keep_padded_rows)
+                                            zero_padded_queries=not padding.keep_padded_rows,
+                                            key_mask=padding.frame_mask)
         else:
             out = attention_with_bias(self, q, k, v, padding, relative_position_embeddings, dropout_p)
         return self.linear_out(out), weights

@@ -129,7 +129,8 @@ class Wav2Vec2BertConvolutionModule(nn.Module):
         norm = self.depthwise_layer_norm
         if is_silu(self.activation) and self.depthwise_conv.bias is None:
             hidden_states = ops.glu_depthwise_conv(
-                hidden_states, self.depthwise_conv.weight, norm.weight, norm.bias, norm.eps, lengths
+                hidden_states, self.depthwise_conv.weight, norm.weight, norm.bias, norm.eps, lengths,
+                frame_mask=padding.frame_mask if padding is not None else None,
             )
         else:  # an activation the kernel does not fuse: the same steps, unfused
             if padding is not None:
@@ -289,7 +290,7 @@ class Wav2Vec2BertAdapter(nn.Module):
         if self.proj is not None and self.proj_layer_norm is not None:
             hidden_states = self.proj_layer_norm(self.proj(hidden_states))
         lengths = None
-        if attention_mask is not None:  # real frames per row, as Padding counts them (right padding)
+        if attention_mask is not None:  # real frames per row, as transformers counts them (any mask)
             lengths = (attention_mask != 0).sum(1).to(hidden_states.device)
         for layer in self.layers:
             if lengths is not None:

@@ -82,8 +82,8 @@ class Wav2Vec2BertModel(_PreTrained):
     def forward(self, input_features, attention_mask=None, output_hidden_states=False, output_attentions=False,
                 output_layer=None):
         """input_features: (B, T, 160) floating; attention_mask: optional (B, T), 1 = real frame, 0 = padding,
-        read as right padding (see :class:`Padding`: built on the device, no host sync, so the masked forward
-        compiles in one graph and captures into a CUDA graph; holes are an error where values are checked).
+        any pattern transformers accepts: right or left padding, holes (see :class:`Padding`: built on the device,
+        no host sync, so the masked forward compiles in one graph and captures into a CUDA graph).
 
         Returns ``.last_hidden_state`` (B, T', output size), ``.extract_features`` (the normalised input) and, when
         asked, ``.hidden_states``: a tuple of num_hidden_layers + 1 tensors (the input to the first layer, then

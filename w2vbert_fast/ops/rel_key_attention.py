@@ -478,31 +478,43 @@ def _backward_dq_kernel(
 # triton 3.6 (fp16, odd head sizes).
 # fp32: the half tiles need 214-255 registers (8 warps per SM), so 16-row tiles. maxnreg caps where ptxas would
 # otherwise take more than it needs: the backward passes at (16, 16, 4 warps) fit in 168 without a spill but are
-# given up to 242 uncapped (dQ, sm_80); the forward at (16, 64, 8 warps) fits in 128. Capping the half tiles instead
-# spills.
-FORWARD_CONFIGS = {
-    "half": [
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    ],
-    "fp32": [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2, maxnreg=128),
-    ],
-}
+# given up to 242 uncapped (dQ, sm_80); the forward at (16, 64, 8 warps) fits in 128. Capping the half forward tiles
+# instead spills.
+_FORWARD_HALF = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+]
+_FORWARD_FP32 = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2, maxnreg=128),
+]
 # fp32's backward passes share their tiles
-_BACKWARD_FP32_CONFIGS = [
+_BACKWARD_FP32 = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1, maxnreg=168),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2, maxnreg=168),
 ]
+# The key-mask build (HAS_KEY_MASK: left padding, holes) is its own compile with its own registers; where a tile does
+# not fit it (triton 3.6), its table keeps the rest, under "<precision>+key_mask": the forward at (32, 64, 8 warps)
+# half takes 163 registers on sm_80 (8 warps per SM) and at (16, 64, 8 warps) fp32 spills 8-16 B; the fp32 dQ pass
+# with one stage spills 8 B.
+FORWARD_CONFIGS = {
+    "half": _FORWARD_HALF,
+    "fp32": _FORWARD_FP32,
+    "half+key_mask": _FORWARD_HALF[:2],
+    "fp32+key_mask": _FORWARD_FP32[:1],
+}
 DKDV_CONFIGS = {
     "half": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
-    "fp32": _BACKWARD_FP32_CONFIGS,
+    "fp32": _BACKWARD_FP32,
 }
 DQ_CONFIGS = {
-    "half": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2)],
-    "fp32": _BACKWARD_FP32_CONFIGS,
+    # maxnreg: the key-mask build takes 169 registers on sm_80 uncapped (8 warps per SM) and spills 8 B on sm_90a
+    # at odd head sizes (triton 3.9); capped at 128 it fits with no spill on sm_80/86/89/90a (the build without a
+    # mask needs <= 128 anyway)
+    "half": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2, maxnreg=128)],
+    "fp32": _BACKWARD_FP32,
+    "fp32+key_mask": _BACKWARD_FP32[1:],
 }
 # Under the interpreter (cost per program and per op) one small config keeps CI fast and, with blocks smaller
 # than the band, still exercises all three block kinds.
@@ -522,22 +534,31 @@ def _precision(dot_precision):
     return "fp32" if dot_precision == "tf32x3" else "half"
 
 
-def _gpu_configs(tables, dtype):
-    """The configs a GPU launch with inputs of ``dtype`` may run: its precision's table."""
-    return tables[_precision(_dot_precision(dtype))]
+def _table(tables, dot_precision, has_key_mask):
+    """The configs of a launch with this DOT_PRECISION and key-mask flag: its precision's table, or the key-mask
+    build's own where it has one."""
+    precision = _precision(dot_precision)
+    return tables.get(precision + "+key_mask", tables[precision]) if has_key_mask else tables[precision]
+
+
+def _gpu_configs(tables, dtype, has_key_mask=False):
+    """The configs a GPU launch with inputs of ``dtype`` may run."""
+    return _table(tables, _dot_precision(dtype), has_key_mask)
 
 
 def _configs(tables, interpreted=None):
-    """An autotuner's configs: every precision's (``_pruner`` keeps a launch's own), or the interpreter's one."""
+    """An autotuner's configs: every table's, each once (``_pruner`` keeps a launch's own), or the interpreter's
+    one."""
     interpreted = triton_interpreter_enabled() if interpreted is None else interpreted
     if interpreted:
         return [INTERPRETER_CONFIG]
-    return [c for table in tables.values() for c in table]
+    return list({id(c): c for table in tables.values() for c in table}.values())
 
 
 def _pruner(tables):
     def prune_by_precision(configs, named_args, **kwargs):
-        allowed = [c.all_kwargs() for c in tables[_precision({**named_args, **kwargs}["DOT_PRECISION"])]]
+        named = {**named_args, **kwargs}
+        allowed = [c.all_kwargs() for c in _table(tables, named["DOT_PRECISION"], named.get("HAS_KEY_MASK", False))]
         return [c for c in configs if c.all_kwargs() in allowed]
 
     return prune_by_precision
@@ -918,12 +939,12 @@ for _with_key_mask in (False, True):
     LAUNCH_META.update({
         "_forward_kernel" + _variant: KernelLaunch(
             _forward_tuned, lambda shape, dtype, m=_with_key_mask: _forward_example(shape, dtype, m),
-            lambda dtype: _gpu_configs(FORWARD_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+            lambda dtype, m=_with_key_mask: _gpu_configs(FORWARD_CONFIGS, getattr(torch, dtype), m), expect=_EXPECT),
         "_backward_dkdv_kernel" + _variant: KernelLaunch(
             _dkdv_tuned, lambda shape, dtype, m=_with_key_mask: _backward_example(shape, dtype, 0, m),
-            lambda dtype: _gpu_configs(DKDV_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+            lambda dtype, m=_with_key_mask: _gpu_configs(DKDV_CONFIGS, getattr(torch, dtype), m), expect=_EXPECT),
         "_backward_dq_kernel" + _variant: KernelLaunch(
             _dq_tuned, lambda shape, dtype, m=_with_key_mask: _backward_example(shape, dtype, 1, m),
-            lambda dtype: _gpu_configs(DQ_CONFIGS, getattr(torch, dtype)), expect=_EXPECT),
+            lambda dtype, m=_with_key_mask: _gpu_configs(DQ_CONFIGS, getattr(torch, dtype), m), expect=_EXPECT),
     })
 del _with_key_mask, _variant
