@@ -1,11 +1,17 @@
-"""The band-decomposed path of relative-key attention (ops/rel_key_attention_banded.py, the CPU path): query-chunked,
-O(L) memory.
+"""The band-decomposed path of relative-key attention (ops/rel_key_attention_banded.py: the CPU path, and the portable
+GPU path): query-chunked, O(L) memory.
 
 Checked against the literal transformers-style reference, forward (fp32 within 1e-5) and backward (fp64, where any
 slip in the bucket bookkeeping shows at 1e-10), at lengths either side of a chunk boundary, with bands wider and
 narrower than a chunk, ragged right padding and both modes of padded query rows. Then memory: a subprocess
 measures the peak RSS a call adds, which must stay linear in L through ``ops.rel_key_attention`` on the ``auto``
 backend, forward and backward.
+
+The CUDA primitive (PyTorch's memory-efficient and FlashAttention-2 kernels) cannot run here: its branch of the same
+algorithm runs on CPU tensors against emulations of those ops that enforce the contracts it relies on (layouts,
+dtypes, 16-byte bias alignment, the lse padded to 32 rows, the backward's ``out`` rows H·K apart) and give NaN where
+a kernel may (rows with every key masked). They check the plumbing, not the kernels: on a GPU the same tests run on
+the real ops (``requires_cuda``).
 """
 
 import json
@@ -16,6 +22,9 @@ import sys
 import pytest
 import torch
 
+from conftest import HAS_CUDA, assert_half_precision_close, requires_cuda
+
+from w2vbert_fast.ops import rel_key_attention_banded as banded
 from w2vbert_fast.ops.rel_key_attention import rel_key_attention_reference
 from w2vbert_fast.ops.rel_key_attention_banded import rel_key_attention_chunked, rel_key_attention_chunked_backward
 
@@ -99,8 +108,6 @@ def test_chunked_accepts_strided_views_of_a_projection():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_chunked_half_precision_inputs_give_half_outputs_within_half_error(dtype):
-    from conftest import assert_half_precision_close
-
     q, k, v, emb, left, right, scale = make_inputs("L33-band-wider-than-chunk", torch.float32)
     lengths = ragged_lengths(q.shape[0], q.shape[1])
     low = [t.to(dtype) for t in (q, k, v, emb)]
@@ -109,6 +116,224 @@ def test_chunked_half_precision_inputs_give_half_outputs_within_half_error(dtype
     expected = reference(q, k, v, emb, left, right, scale, lengths, True)
     torch_low = reference(*low, left, right, scale, lengths, True)
     assert_half_precision_close(out, torch_low, expected)
+
+
+# ---------------------------------------------------------------------------------- the CUDA primitive's plumbing
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _check_aligned(name, t):
+    """The memory-efficient kernels' aligned variants: a unit last stride, 16-byte aligned pointer and strides (of
+    every dim longer than 1; broadcast strides are 0)."""
+    step = 16 // t.element_size()
+    assert t.stride(-1) == 1, f"{name}: last stride {t.stride(-1)}"
+    assert t.data_ptr() % 16 == 0, f"{name}: pointer not 16-byte aligned"
+    assert all(s % step == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1), f"{name}: strides {t.stride()}"
+
+
+def _lse_dtype(q):
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+class EmulatedCudaOps:
+    """CPU stand-ins for aten._efficient_attention_forward/_backward and _scaled_dot_product_flash_attention, with
+    their calling conventions (read from PyTorch's attention.cu / attention_backward.cu / kernel_backward.h) as
+    assertions; the math in fp64, results in the inputs' dtype, the lse in fp32 as the kernels give it (in fp64 for
+    fp64 inputs, which only the emulation takes: so the plumbing is checked to 1e-10)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _scores(q, k, bias, scale):
+        """q, k (B, M, H, K) → fp64 scores (B, H, M, N) with the bias."""
+        scores = torch.einsum("bmhk,bnhk->bhmn", q.double(), k.double()) * scale
+        return scores if bias is None else scores + bias.double()
+
+    @staticmethod
+    def _check_inputs(q, k, v, bias):
+        batch, rows, heads, _ = q.shape
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            assert t.dim() == 4 and t.dtype == q.dtype, name
+            _check_aligned(name, t)
+        if bias is not None:
+            assert bias.dtype == q.dtype, "invalid dtype for bias - should match query's dtype"
+            assert tuple(bias.shape) == (batch, heads, rows, k.shape[1]), f"attn_bias: wrong shape {bias.shape}"
+            _check_aligned("attn_bias", bias)
+
+    def efficient_forward(self, q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                          custom_mask_type, compute_log_sumexp, scale):
+        assert cu_seqlens_q is None and cu_seqlens_k is None and dropout_p == 0.0 and custom_mask_type == 0
+        assert compute_log_sumexp
+        self._check_inputs(q, k, v, bias)
+        self.calls.append(("efficient_forward", bias is not None))
+        scores = self._scores(q, k, bias, scale)
+        lse = torch.logsumexp(scores, dim=-1)  # -inf where every key is masked; the output there is NaN
+        out = torch.einsum("bhmn,bnhk->bmhk", torch.exp(scores - lse[..., None]), v.double())
+        padded = torch.full((*lse.shape[:2], _round_up(lse.shape[-1], 32)), float("nan"), dtype=_lse_dtype(q))
+        padded[..., :lse.shape[-1]] = lse
+        return out.to(q.dtype).contiguous(), padded, torch.empty(()), torch.empty(()), q.shape[1], k.shape[1]
+
+    def efficient_backward(self, grad_out, q, k, v, bias, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, logsumexp, dropout_p, philox_seed, philox_offset, custom_mask_type,
+                           bias_requires_grad, scale):
+        assert cu_seqlens_q is None and cu_seqlens_k is None and dropout_p == 0.0 and custom_mask_type == 0
+        batch, rows, heads, head_dim = q.shape
+        assert (max_seqlen_q, max_seqlen_k) == (rows, k.shape[1])
+        self._check_inputs(q, k, v, bias)
+        assert out.shape == q.shape and out.dtype == q.dtype and grad_out.dtype == q.dtype
+        assert out.stride(1) == heads * head_dim and out.stride(-1) == 1, "out: rows must be H·K apart (o_strideM)"
+        assert logsumexp.dtype == _lse_dtype(q) and tuple(logsumexp.shape) == (batch, heads, rows)
+        assert logsumexp.stride(-1) == 1 and logsumexp.stride(1) >= _round_up(rows, 32), "lse rows not padded to 32"
+        assert not bias_requires_grad or bias is not None
+        self.calls.append(("efficient_backward", bias is not None, bias_requires_grad))
+        scores = self._scores(q, k, bias, scale)
+        probs = torch.exp(scores - logsumexp.double()[..., None])
+        d_out = grad_out.double()
+        delta = (d_out * out.double()).sum(-1).transpose(1, 2)  # (B, H, M), as the kernel computes it
+        d_scores = probs * (torch.einsum("bmhk,bnhk->bhmn", d_out, v.double()) - delta[..., None])
+        dq = torch.einsum("bhmn,bnhk->bmhk", d_scores, k.double()) * scale
+        dk = torch.einsum("bhmn,bmhk->bnhk", d_scores, q.double()) * scale
+        dv = torch.einsum("bhmn,bmhk->bnhk", probs, d_out)
+        d_bias = None
+        if bias_requires_grad:  # allocated with its last dim padded to 16, as the kernel's
+            d_bias = torch.empty(*bias.shape[:-1], _round_up(bias.shape[-1], 16), dtype=q.dtype)[..., :bias.shape[-1]]
+            d_bias.copy_(d_scores)
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), d_bias
+
+    def flash_forward(self, q, k, v, dropout_p, is_causal, return_debug_mask, scale):
+        """(B, H, M, K) inputs, no bias, half precision, head dim a multiple of 8 up to 256."""
+        assert dropout_p == 0.0 and not is_causal and not return_debug_mask
+        assert q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+        assert all(t.stride(-1) == 1 for t in (q, k, v))
+        self.calls.append(("flash_forward",))
+        out, lse = self.efficient_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, None,
+                                          None, None, 0.0, 0, True, scale)[:2]
+        self.calls.pop()
+        return out.transpose(1, 2), lse[..., :q.shape[2]].contiguous(), None, None, 0, 0, None, None, None
+
+
+def emulated_cuda(capability, dtype):
+    ops = EmulatedCudaOps()
+    return banded.CudaSdpa(capability, dtype, ops=ops), ops
+
+
+def masked_case(case, seed=2):
+    """A left-padded row, a row with holes (the first key among them) and a ragged right-padded row, with lengths one
+    past each row's last real frame, as the model passes them."""
+    batch, length = CASES[case][:2]
+    frames = torch.arange(length)
+    rows = [frames >= length // 3, (frames % 3 != 0), frames < max(1, length // 2)]
+    key_mask = torch.stack([rows[i % 3] | (frames == length - 1 if i % 3 == 1 else False) for i in range(batch)])
+    lengths = (key_mask * torch.arange(1, length + 1)).amax(dim=1)
+    return key_mask, lengths
+
+
+@pytest.mark.parametrize("masks", ["unpadded", "lengths", "key-mask", "key-mask-keep-padded-rows"])
+@pytest.mark.parametrize("case", ["L9-one-past-a-chunk", "L33-band-wider-than-chunk", "L50-head-dim-12",
+                                  "L1-single-frame", "L40-no-band-left0-right0"])
+def test_cuda_primitive_forward_and_backward_match_the_reference_fp64(case, masks):
+    """The algorithm over the CUDA primitive (memory-efficient kernels; no flash in fp64): the head dim zero-padded to
+    8 (12 → 16), every bias aligned, lse padded, dS of the band from the kernel's backward."""
+    primitive, ops = emulated_cuda((7, 5), torch.float64)
+    q, k, v, emb, left, right, scale = make_inputs(case, torch.float64)
+    key_mask, lengths = masked_case(case) if masks.startswith("key-mask") else (None, None)
+    if masks == "lengths":
+        lengths = ragged_lengths(q.shape[0], q.shape[1])
+    zero_rows = masks != "key-mask-keep-padded-rows"
+    real = key_mask if key_mask is not None else (None if lengths is None else
+                                                  torch.arange(q.shape[1])[None, :] < lengths[:, None])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, emb)]
+    expected = rel_key_attention_reference(*leaves, left, right, scale, real)
+    if lengths is not None and zero_rows:
+        expected = expected.masked_fill((torch.arange(q.shape[1])[None, :] >= lengths[:, None])[..., None], 0.0)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+
+    out, lse = rel_key_attention_chunked(q, k, v, emb, left, right, scale, lengths, zero_rows, key_mask,
+                                         chunk=CHUNK, primitive=primitive)
+    torch.testing.assert_close(out, expected.detach(), atol=1e-10, rtol=0)
+    assert lse.dtype == torch.float64 and torch.isfinite(lse).all()
+    grads = rel_key_attention_chunked_backward(grad_out, q, k, v, emb, out, lse, left, right, scale, lengths,
+                                               zero_rows, key_mask, chunk=CHUNK, primitive=primitive)
+    for name, grad, want, leaf in zip(("dq", "dk", "dv", "d_distance_embedding"), grads, expected_grads, leaves):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, name
+        torch.testing.assert_close(grad, want, atol=1e-10, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    # the band's backward asked the kernel for dS; the outer parts never
+    band_calls = [c for c in ops.calls if c[0] == "efficient_backward" and c[2]]
+    assert band_calls and all(c[1] for c in band_calls)
+
+
+@pytest.mark.parametrize("capability, flash", [((7, 5), False), ((8, 6), True), ((9, 0), True), ((10, 0), False)],
+                         ids=["sm_75", "sm_86", "sm_90", "sm_100"])
+@pytest.mark.parametrize("masks", ["unpadded", "key-mask"])
+def test_cuda_primitive_half_precision_takes_flash_for_the_unbiased_parts_where_it_exists(capability, flash, masks):
+    """fp16: FlashAttention-2 forward for the outer parts on sm_80 … sm_90 when nothing is masked (they carry no
+    bias then), the memory-efficient kernel everywhere else; within half-precision error of the fp32 reference."""
+    dtype = torch.float16
+    primitive, ops = emulated_cuda(capability, dtype)
+    case = "L50-head-dim-12"
+    q, k, v, emb, left, right, scale = make_inputs(case, torch.float32)
+    key_mask, lengths = masked_case(case) if masks == "key-mask" else (None, None)
+    real = key_mask
+    low = [t.to(dtype) for t in (q, k, v, emb)]
+    out, _ = rel_key_attention_chunked(*low, left, right, scale, lengths, True, key_mask, chunk=CHUNK,
+                                       primitive=primitive)
+    assert out.dtype == dtype
+    expected = rel_key_attention_reference(q, k, v, emb, left, right, scale, real)
+    torch_low = rel_key_attention_reference(*low, left, right, scale, real)
+    if lengths is not None:
+        past = (torch.arange(q.shape[1])[None, :] >= lengths[:, None])[..., None]
+        expected, torch_low = expected.masked_fill(past, 0), torch_low.masked_fill(past, 0)
+    assert_half_precision_close(out, torch_low, expected)
+    flash_calls = [c for c in ops.calls if c[0] == "flash_forward"]
+    biased = [c for c in ops.calls if c[0] == "efficient_forward" and c[1]]
+    assert bool(flash_calls) == (flash and masks == "unpadded")
+    assert biased  # the band always runs with its bias on the memory-efficient kernel
+
+
+def test_primitive_for_picks_by_device_and_capability(monkeypatch):
+    assert isinstance(banded.primitive_for("cpu", torch.bfloat16), banded.CpuFlash)
+    assert banded.primitive_for("cpu", torch.bfloat16).compute_dtype(torch.bfloat16) == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    t4 = banded.primitive_for("cuda:0", torch.float16)
+    assert isinstance(t4, banded.CudaSdpa) and not t4.flash and t4.compute_dtype(torch.float16) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert banded.primitive_for("cuda:0", torch.bfloat16).flash
+    assert not banded.primitive_for("cuda:0", torch.float32).flash
+    with pytest.raises(ValueError, match="CPU and CUDA tensors, got a tensor on meta"):
+        banded.primitive_for("meta", torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("masks", ["unpadded", "key-mask"])
+def test_cuda_primitive_on_the_gpu_matches_the_reference(dtype, masks):
+    """The real CUDA ops (only where a GPU is lent): forward and gradients within the dtype's error."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no bf16 before sm_80 (the dispatch table refuses it there)")
+    case = "L50-head-dim-12"
+    q, k, v, emb, left, right, scale = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                        for t in make_inputs(case, torch.float32))
+    key_mask, lengths = (t.cuda() for t in masked_case(case)) if masks == "key-mask" else (None, None)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v, emb)]
+    grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], device="cuda")
+    out, lse = rel_key_attention_chunked(*[t.detach() for t in low], left, right, scale, lengths, True, key_mask,
+                                         chunk=CHUNK)
+    grads = rel_key_attention_chunked_backward(grad_out.to(dtype), *[t.detach() for t in low], out, lse, left, right,
+                                               scale, lengths, True, key_mask, chunk=CHUNK)
+    leaves = [t.double().detach().requires_grad_() for t in low]
+    expected = rel_key_attention_reference(*leaves, left, right, scale, key_mask)
+    if lengths is not None:
+        expected = expected.masked_fill((torch.arange(q.shape[1], device="cuda")[None, :] >= lengths[:, None])[..., None], 0)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    from conftest import relative_error
+
+    assert relative_error(out, expected) <= tolerance
+    for grad, want in zip(grads, expected_grads):
+        assert relative_error(grad, want) <= tolerance
 
 
 # ---------------------------------------------------------------------------------------------------- memory

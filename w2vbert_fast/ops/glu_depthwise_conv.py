@@ -694,7 +694,7 @@ def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None, fr
     if x.numel() == 0:
         # nothing to convolve (F.conv1d would reject the padded empty sequence); still connected to x for autograd
         return F.glu(x, dim=-1)
-    if dispatch(x, conv_weight) == TRITON:
+    if dispatch(x, conv_weight, op="glu_depthwise_conv") == TRITON:
         if lengths is not None:
             lengths = lengths.to(torch.int32)
         if frame_mask is not None and frame_mask.dtype != torch.bool:

@@ -423,10 +423,7 @@ def _(waveforms, lengths, normalize):
 
 # ------------------------------------------------------------------------------------------------ dispatch
 # The launcher hands the kernels fp32 samples whatever the input's float dtype (transformers' extractor casts to fp32
-# too), so every float dtype runs them.
-_SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
+# too), so every float dtype runs them (``_backend.OP_DTYPES``).
 def log_mel_fbank(waveforms, lengths=None, normalize=True):
     """Normalised log-mel features of a right-padded batch of 16 kHz clips, as SeamlessM4TFeatureExtractor.
 
@@ -461,7 +458,7 @@ def log_mel_fbank(waveforms, lengths=None, normalize=True):
     lengths = lengths.to(waveforms.device).clamp(FRAME_LENGTH, total)
     if batch == 0:
         return torch.zeros(0, int(num_frames(total)), NUM_MEL_BINS, device=waveforms.device)
-    path = dispatch(waveforms, kernel_dtypes=_SAMPLE_DTYPES)
+    path = dispatch(waveforms, op="log_mel_fbank")
     if path == TRITON:
         return _log_mel_fbank_op(waveforms.float(), lengths.to(torch.int32), bool(normalize))
     if path == FAST:

@@ -873,7 +873,7 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     _check_inputs(q, k, v, distance_embedding, left, right, lengths, key_mask)
     if key_mask is not None and key_mask.dtype != torch.bool:
         key_mask = key_mask != 0
-    implementation = dispatch(q, k, v, distance_embedding)
+    implementation = dispatch(q, k, v, distance_embedding, op="rel_key_attention")
     if implementation != REFERENCE and q.numel() > 0:
         if implementation == TRITON and q.shape[-1] > _MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be at most {_MAX_HEAD_DIM} for the Triton kernel, got {q.shape[-1]}")
