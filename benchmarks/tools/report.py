@@ -52,6 +52,10 @@ OPTIONAL_COLUMNS = [  # (extra_info key, header, formatter)
     ("copy_fraction", "of copy BW", lambda v: f"{100 * v:.0f} %"),
     ("peak_rss_bytes", "peak RSS (fresh process)", lambda v: fmt_bytes(v)),
     ("longest_clip_s", "longest clip", lambda v: f"{v / 60:.1f} min" if v >= 120 else f"{v:.0f} s"),
+    # bench_cpu_peers.py: max |out − transformers fp32| / max |transformers fp32|; the first (compiling) call
+    ("error_vs_transformers", "error vs transformers fp32", lambda v: f"{v:.1e}"),
+    ("first_call_s", "first call", lambda v: f"{v:.1f} s"),
+    ("load_average", "load (1 min)", lambda v: f"{v[0]:.1f}"),
 ]
 # Fractions of a measured peak, left out of smoke runs: at their tiny sizes the peak (a large matmul, a large copy)
 # and the case measure different things, and the quotient means nothing (issue 18 saw an MFU of 120.6 % and 528 % of
@@ -68,9 +72,10 @@ def load(paths):
                 document = json.load(f)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}: not JSON ({error})")
-        if compile_report.is_compile_document(document) or is_extract_document(document):
-            # benchmarks/tools/compile_check.py output ("Compiled kernels") or benchmarks/bench_extract.py output
-            # ("Extraction pipeline")
+        if (compile_report.is_compile_document(document) or is_extract_document(document)
+                or is_contention_document(document)):
+            # benchmarks/tools/compile_check.py output ("Compiled kernels"), benchmarks/bench_extract.py output
+            # ("Extraction pipeline") or benchmarks/bench_cpu_contention.py output ("CPU under contention")
             documents.append((path, document))
             continue
         if not isinstance(document, dict) or "benchmarks" not in document:
@@ -220,11 +225,36 @@ def extract_section(path, document):
     return out + [""]
 
 
+def is_contention_document(document) -> bool:
+    return isinstance(document, dict) and {"environment", "conditions", "summary", "thread_counts"} <= set(document)
+
+
+def contention_section(path, document):
+    """benchmarks/bench_cpu_contention.py's run: one row per (condition, threads), median ms."""
+    env = document["environment"]
+    loads = "; ".join(f"{name}: {c['load_before'][0]:.1f} before, {c['load_after'][0]:.1f} after"
+                      for name, c in document["conditions"].items())
+    out = [f"## CPU under contention ({env.get('cores', '?')} cores, `{os.path.basename(path)}`)", "",
+           f"Commit `{str(env.get('commit'))[:12]}`, torch {env.get('torch')}; 'before' is `{env.get('before')}`; "
+           f"'loaded' = {document.get('busy_processes', '?')} busy-loop processes beside it; load average (1 min) "
+           f"{loads}. Median ms; the encoder speed-up is transformers' time over ours. {document.get('note', '')}",
+           "", "| condition, threads | FbankExtractor | FbankExtractor before | transformers extractor | encoder ours | "
+               "encoder transformers sdpa | encoder speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in document["summary"].items():
+        cells = [row.get(key) for key in ("FbankExtractor", "FbankExtractor before", "transformers extractor",
+                                          "encoder ours", "encoder transformers sdpa")]
+        speed_up = row.get("encoder speed-up")
+        out.append(f"| {name} | " + " | ".join("—" if c is None else fmt_ms(c) for c in cells) +
+                   f" | {'—' if speed_up is None else f'{speed_up:.2f}×'} |")
+    return out + [""]
+
+
 def render(documents) -> str:
     compiled = [d for _, d in documents if compile_report.is_compile_document(d)]
     extracts = [(p, d) for p, d in documents if is_extract_document(d)]
+    contentions = [(p, d) for p, d in documents if is_contention_document(d)]
     documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)
-                 and not is_extract_document(d)]
+                 and not is_extract_document(d) and not is_contention_document(d)]
     tables = collect(documents)
     files = [os.path.basename(path) for path, _ in documents]
     rows = [row for cases in tables.values() for contenders in cases.values() for row in contenders.values()]
@@ -263,6 +293,8 @@ def render(documents) -> str:
                 out += device_section(device, kind, section, is_smoke)
     for path, document in extracts:
         out += extract_section(path, document)
+    for path, document in contentions:
+        out += contention_section(path, document)
     out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 
