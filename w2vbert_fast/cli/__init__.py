@@ -1,4 +1,4 @@
-"""Command line: ``python -m w2vbert_fast demo | extract | bench`` (also installed as ``w2vbert-fast``).
+"""Command line: ``python -m w2vbert_fast demo | extract | bench | check`` (also installed as ``w2vbert-fast``).
 
 * ``demo``: a bundled speech clip through features and encoder, the fast path against the reference path
   (transformers when installed, else our PyTorch reference), printing the max difference and the time of each.
@@ -6,6 +6,7 @@
   each, or shards), batched by length, pipelined, resumable, unreadable files reported by name without stopping
   the rest (the ``w2vbert_fast.extract`` application; this file turns the arguments into its ExtractOptions).
 * ``bench``: the benchmark suite (a repository checkout's ``benchmarks/``) and its report.
+* ``check``: versions, device, the path each op takes there and why, each op against its reference (cli/check.py).
 
 The standalone path (extract) never imports transformers.
 """
@@ -15,7 +16,7 @@ import os
 import sys
 
 from ..extract import ExtractError, ExtractOptions, extract
-from . import bench, demo
+from . import bench, check, demo
 from .common import ARCHITECTURES, DTYPES, CommandError, model_source, resolve_device_dtype
 from .threads import command_threads
 
@@ -131,6 +132,7 @@ def build_parser():
                    help="with --budget-s: the results folder (default $OUT, else benchmarks/results/campaign-…)")
     p.epilog = (f"Any other argument goes to pytest, e.g. `bench -k encoder`; with --budget-s, to {bench.CAMPAIGN}, "
                 f"e.g. `--cases encoder,long-audio`.")
+    check.add_parser(commands)
     return parser
 
 
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
                 return extract(extract_options(args))
             if args.command == "bench":
                 return bench.bench(args, unknown, threads)
+            if args.command == "check":
+                return check.check(args)
             return demo.demo(args, threads)
     except (CommandError, ExtractError) as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
