@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for Hopper (sm_90a) and Ampere (sm_80) with no GPU, on the triton this environment
 installs and on triton 3.6.0 (what the GPU machines run), with no spill and shared memory within the target's limit
-(benchmarks/tools/compile_check.py; its "ci" plan).
+(benchmarks/tools/compile_check.py; its "ci" plan); and so does each kernel the dispatch table
+(``ops._backend.TRITON_TABLE``) sends to sm_86 (A10, RTX 30), sm_89 (L4, RTX 40) and sm_75 (T4).
 
 Why the "ci" plan is a subset: CI has 2 cores and each compile takes 2-6 s, so the full plan (every config × dtype ×
 target × shape, several hundred compiles a triton version) is run by hand and committed as
@@ -9,9 +10,10 @@ bf16 (the dtype the model is served in) at the model's shapes on sm_90a (an H100
 property of the config; fp16 compiles to the same registers as bf16, ±2, in the committed tables — plus every kernel's
 first config (the autotuner's first choice) in fp32 on sm_90a (fp32 takes another dot precision, a different register
 budget, and for attention configs of its own), in bf16 on sm_80 and in fp16 at the odd shape on sm_90a (masking and
-non-power-of-two code generation). About 40 compiles a triton version, 1.5 minutes for both on 2 cores. See
-``compile_check.plan``. A config fails on a compile error, a spill, shared memory over the limit, or fewer than 12
-warps resident per SM.
+non-power-of-two code generation). On sm_86, sm_89 and sm_75, lightly: each kernel's base build (no key or frame
+mask) in its first config and the first dtype the table sends there (the full plan compiles every config; compiles the
+table routes to the portable path are listed, not failed). See ``compile_check.plan``. A config fails on a compile
+error, a spill, shared memory over the limit, or fewer than 12 warps resident per SM.
 
 The check runs in a subprocess: it needs the real compiler, and this test session runs Triton's interpreter.
 """
@@ -53,11 +55,16 @@ def assert_passes(returncode, document):
     assert records, "no kernel was compiled"
     assert not document["failures"], "\n".join(document["failures"])
     assert returncode == 0
-    # every kernel of every op's LAUNCH_META reached both targets, and each record carries what the check reads
+    # every kernel of every op's LAUNCH_META reached sm_90a and sm_80, its base build every other target the dispatch
+    # table sends it to, and each record carries what the check reads
     seen = {(r["kernel"], r["target"]) for r in records}
     for key in compile_check.launches():
+        module, name = key.split(":")
         for target in compile_check.TARGETS:
-            assert (key.split(":")[1], target) in seen, f"{key} was not compiled for {target}"
+            sent = any(compile_check.dispatched(module, target, d) for d in ("bfloat16", "float16", "float32"))
+            if target in compile_check.PRIMARY_TARGETS or ("+" not in name and sent):
+                assert (name, target) in seen, f"{key} was not compiled for {target}"
+    assert {r["target"] for r in records} == set(compile_check.TARGETS)
     for r in records:
         assert r["registers"] > 0 and r["num_warps"] > 0 and r["occupancy"]["warps_per_sm"] > 0
         assert r["sass"]["instructions"] > 0
@@ -106,6 +113,12 @@ def test_ptxas_report_is_read():
     (32, 0, 1, "sm_90a", 32, "blocks"),  # 32 blocks per SM
     (64, 100 * 1024, 4, "sm_90a", 2, "shared memory"),  # 228 KB / (100 + 1) KB
     (64, 100 * 1024, 4, "sm_80", 1, "shared memory"),  # 164 KB / (100 + 1) KB
+    (32, 1024, 4, "sm_86", 12, "warps"),  # 48 warps per SM on sm_86 (1536 threads)
+    (32, 0, 1, "sm_86", 16, "blocks"),  # 16 blocks per SM on sm_86
+    (32, 0, 1, "sm_89", 24, "blocks"),  # 24 on sm_89
+    (64, 52 * 1024, 8, "sm_89", 1, "shared memory"),  # 100 KB / (52 + 1) KB: 8 warps
+    (32, 1024, 4, "sm_75", 8, "warps"),  # 32 warps per SM on sm_75 (1024 threads)
+    (64, 32 * 1024, 4, "sm_75", 2, "shared memory"),  # 64 KB / 32 KB: nothing reserved per block on Turing
 ])
 def test_occupancy(registers, smem, warps, target, blocks, limited_by):
     occ = compile_check.occupancy(registers, smem, warps, target)
@@ -136,19 +149,35 @@ def test_a_clean_compile_passes():
      "8 warps resident per SM < 12"),
     (dict(shared_bytes=228 * 1024), "shared memory"),
     (dict(target="sm_80", shared_bytes=164 * 1024), "shared memory"),
+    (dict(target="sm_86", shared_bytes=100 * 1024), "shared memory"),
     (dict(sass=dict(dots=[dict(line=7, source="tl.dot(p, v)", mma=[])], fp64_arithmetic={}, fp64_lines=[],
                     local_memory_instructions=0)), "without tensor-core MMA at lines [7]"),
     (dict(sass=dict(dots=[], fp64_arithmetic={"DFMA": 2}, fp64_lines=["9: x = y * z"],
                     local_memory_instructions=0)), "fp64 arithmetic"),
     (dict(sass=dict(dots=[], fp64_arithmetic={}, fp64_lines=[], local_memory_instructions=3)), "local-memory"),
-], ids=["compile-error", "spill", "spill-loads-only", "under-12-warps", "smem-sm90", "smem-sm80", "dot-off-tensor-cores", "fp64",
-        "local-memory"])
+], ids=["compile-error", "spill", "spill-loads-only", "under-12-warps", "smem-sm90", "smem-sm80", "smem-sm86",
+        "dot-off-tensor-cores", "fp64", "local-memory"])
 def test_what_fails_the_check(changes, reason):
     assert any(reason in why for why in compile_check.failures(clean_record(**changes)))
 
 
 FMA_DOT = dict(dots=[dict(line=7, source="tl.dot(p, v)", mma=[])], fp64_arithmetic={}, fp64_lines=[],
                local_memory_instructions=0)
+
+
+def test_an_arch_the_dispatch_table_routes_elsewhere_is_listed_not_failed():
+    """Attention on a T4 runs the portable path (ops/_backend.py): its sm_75 compiles' problems (no tensor cores,
+    spills) are listed apart; the same problem on an arch the table sends the kernels to fails the check."""
+    on_t4 = clean_record(target="sm_75", dtype="float16", sass=FMA_DOT)
+    on_a100 = clean_record(target="sm_80", dtype="bfloat16", sass=FMA_DOT)
+    for record in (on_t4, on_a100):
+        record["failures"] = compile_check.failures(record)
+        assert record["failures"]
+    failed, routed = compile_check.triage([on_t4, on_a100])
+    assert on_t4["routed"] == "portable" and on_a100["routed"] is None
+    assert [line.split()[1] for line in routed] == ["sm_75"] and [line.split()[1] for line in failed] == ["sm_80"]
+    assert compile_check.table_arch("sm_90a") == "sm_90" and compile_check.dispatched(
+        "w2vbert_fast.ops.rel_key_attention", "sm_90a", "float32")
 
 
 def test_an_fp32_dot_may_run_as_fma_where_the_kernel_chose_ieee_precision():

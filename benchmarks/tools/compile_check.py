@@ -1,6 +1,6 @@
-"""Compile every Triton kernel of ``w2vbert_fast.ops`` ahead of time, with no GPU, for Hopper and Ampere, and check
-what only the compiler sees: compile errors, spills, shared memory; record registers, occupancy and the machine
-code's instruction mix.
+"""Compile every Triton kernel of ``w2vbert_fast.ops`` ahead of time, with no GPU, for Hopper (sm_90a), Ampere (sm_80,
+sm_86), Ada (sm_89) and Turing (sm_75), and check what only the compiler sees: compile errors, spills, shared memory;
+record registers, occupancy and the machine code's instruction mix.
 
     python benchmarks/tools/compile_check.py                  # full plan → benchmarks/results/compile-<triton>.json
     python benchmarks/tools/compile_check.py --plan ci --out F  # the subset CI runs (tests/test_kernel_compile.py)
@@ -10,7 +10,7 @@ function name, or ``name+variant`` for a kernel launched more than one way): the
 by the op's own launcher code, so this file holds no copy of any launch logic), its configs per input dtype and the
 machine-code expectations. This file holds only the shapes and the targets.
 
-How: a stand-in driver whose current target is ``GPUTarget("cuda", 90 or 80, 32)`` is made active, and each kernel
+How: a stand-in driver whose current target is ``GPUTarget("cuda", 90, 80, 86, 89 or 75, 32)`` is made active, and each kernel
 is compiled through its real launch path, ``JITFunction.warmup`` (the arguments' dtypes, integer specialisation and
 alignment as a launch would see them; pointers are ``MockTensor``s, 16-byte aligned like torch's allocations). ptxas
 runs for every compile (``knobs.compilation.always_compile``, an empty cache directory per run) and its ``-v`` report
@@ -23,6 +23,11 @@ per-block limit; a kernel in ``w2vbert_fast/ops`` without a ``LAUNCH_META`` entr
 longer match its kernel. The machine-code expectations each entry declares (tensor cores on every ``tl.dot`` in half
 precision, no fp64 arithmetic, no local memory) fail it too. Never relax a check to make it pass: fix the kernel or
 drop the config.
+
+Routing: ``auto`` runs an op's kernels only on the (arch, dtype) pairs of ``w2vbert_fast.ops._backend.TRITON_TABLE``;
+elsewhere it runs the op's portable PyTorch path. A compile for a pair the table routes elsewhere is recorded with
+``"routed": "portable"``, and its problems are listed under ``"routed_elsewhere"``, not ``"failures"``: what the
+table dispatches must pass, what it does not is shown (benchmarks/RESULTS.md) but does not fail the check.
 """
 
 import argparse
@@ -45,22 +50,35 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # ------------------------------------------------------------------------------------------------- targets
-# Per SM: registers, warps, blocks, shared memory (bytes); per block: the most shared memory a kernel may ask for.
-# H100 (sm_90): 228 KB per SM, 227 KB per block; A100 (sm_80): 164 KB / 163 KB (CUDA C Programming Guide, "Compute
-# Capabilities"). The driver reserves 1 KB of shared memory per resident block on both.
+# Per SM: warps, blocks, shared memory (bytes); per block: the most shared memory a kernel may ask for, and what the
+# driver reserves of it per resident block (CUDA C Programming Guide, "Compute Capabilities", table 23 and the
+# per-arch tuning guides):
+#   sm_90a (H100/H200): 64 warps (2048 threads), 32 blocks, 228 KB per SM, 227 KB per block, 1 KB reserved
+#   sm_80  (A100):      64 warps, 32 blocks, 164 KB / 163 KB, 1 KB reserved
+#   sm_86  (A10, A40, RTX 30xx): 48 warps (1536 threads), 16 blocks, 100 KB / 99 KB, 1 KB reserved
+#   sm_89  (L4, L40, RTX 40xx):  48 warps, 24 blocks, 100 KB / 99 KB, 1 KB reserved
+#   sm_75  (T4, RTX 20xx): 32 warps (1024 threads), 16 blocks, 64 KB / 64 KB, none reserved
+# Every one has 65,536 32-bit registers per SM, at most 255 per thread.
 TARGETS = {
-    "sm_90a": dict(capability=90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
-    "sm_80": dict(capability=80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+    "sm_90a": dict(capability=90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024, max_warps_per_sm=64,
+                   max_blocks_per_sm=32, smem_reserved_per_block=1024),
+    "sm_80": dict(capability=80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, max_warps_per_sm=64,
+                  max_blocks_per_sm=32, smem_reserved_per_block=1024),
+    "sm_86": dict(capability=86, smem_per_sm=100 * 1024, smem_per_block=99 * 1024, max_warps_per_sm=48,
+                  max_blocks_per_sm=16, smem_reserved_per_block=1024),
+    "sm_89": dict(capability=89, smem_per_sm=100 * 1024, smem_per_block=99 * 1024, max_warps_per_sm=48,
+                  max_blocks_per_sm=24, smem_reserved_per_block=1024),
+    "sm_75": dict(capability=75, smem_per_sm=64 * 1024, smem_per_block=64 * 1024, max_warps_per_sm=32,
+                  max_blocks_per_sm=16, smem_reserved_per_block=0),
 }
+# The targets the first compile tables covered; the others are new in issue 20 (the CI plan covers them lightly).
+PRIMARY_TARGETS = ("sm_90a", "sm_80")
 REGISTERS_PER_SM = 65536
 REGISTER_PARTITIONS = 4  # the register file is split between the SM's four warp schedulers
 REGISTER_ALLOCATION_UNIT = 256  # registers per warp are allocated in units of 256 (8 per thread)
-MAX_WARPS_PER_SM = 64
 # The fewest resident warps per SM a config may allow: with fewer, one warp's memory or MMA latency has too few others
 # to hide behind (issue 13 sets 12 for attention; every kernel meets it).
 MIN_WARPS_PER_SM = 12
-MAX_BLOCKS_PER_SM = 32
-SMEM_RESERVED_PER_BLOCK = 1024
 
 # ------------------------------------------------------------------------------------------------- shapes
 # "w2v-bert-2.0": the model's own sizes (30 s of audio: 3000 fbank frames, 1500 encoder frames, batch 8).
@@ -312,9 +330,9 @@ def occupancy(registers, smem_bytes, num_warps, target):
     warps_by_regs = REGISTER_PARTITIONS * ((REGISTERS_PER_SM // REGISTER_PARTITIONS) // regs_per_warp)
     limits = {
         "registers": warps_by_regs // num_warps,
-        "warps": MAX_WARPS_PER_SM // num_warps,
-        "shared memory": spec["smem_per_sm"] // (smem_bytes + SMEM_RESERVED_PER_BLOCK),
-        "blocks": MAX_BLOCKS_PER_SM,
+        "warps": spec["max_warps_per_sm"] // num_warps,
+        "shared memory": spec["smem_per_sm"] // max(smem_bytes + spec["smem_reserved_per_block"], 1),
+        "blocks": spec["max_blocks_per_sm"],
     }
     blocks = min(limits.values())
     limited_by = [name for name, value in limits.items() if value == blocks]
@@ -400,6 +418,36 @@ def failures(record):
     return out
 
 
+# ------------------------------------------------------------------------------------------------- routing
+def table_arch(target):
+    """The dispatch table's name for a compile target ("sm_90a" → "sm_90": the same GPUs)."""
+    return target[:-1] if target.endswith("a") else target
+
+
+def dispatched(module, target, dtype):
+    """Whether ``auto`` runs the kernels of ``module`` (a w2vbert_fast.ops module name) on ``target`` for inputs of
+    ``dtype`` (ops/_backend.py's TRITON_TABLE). A module the table does not know (a test's) counts as dispatched: the
+    check applies in full."""
+    from w2vbert_fast.ops import _backend
+
+    table = _backend.TRITON_TABLE.get(module.rsplit(".", 1)[-1])
+    return table is None or dtype in table.get(table_arch(target), ())
+
+
+def triage(records):
+    """(failures, routed_elsewhere): the lines of the records' problems (``record["failures"]``), those of compiles the
+    dispatch table sends to the kernels first, those it routes to the portable path apart (each record gets
+    ``"routed"``: None or "portable")."""
+    failed, routed = [], []
+    for record in records:
+        record["routed"] = None if dispatched(record["module"], record["target"], record["dtype"]) else "portable"
+        for why in record["failures"]:
+            line = (f"{record['kernel']} {record['target']} {record['dtype']} {record['shape']} "
+                    f"{_config_label(record['config'])}: {why}")
+            (routed if record["routed"] else failed).append(line)
+    return failed, routed
+
+
 # --------------------------------------------------------------------------------------------------- plans
 def plan(name, kernels=None, skip=()):
     """[(kernel, target, dtype, shape, config)].
@@ -409,17 +457,28 @@ def plan(name, kernels=None, skip=()):
     config in fp16 and in fp32 on sm_90a (code generation for masks and odd sizes, not a new register budget).
     ci (what CI runs per triton version on 2 cores; the reasons are in tests/test_kernel_compile.py): every config
     in the serving dtype (bf16, or the kernel's one dtype) on sm_90a at the model's shapes; the first config in
-    fp32 there; the first config in the serving dtype on sm_80; the first config in fp16 at the odd shape on sm_90a.
+    fp32 there; the first config in the serving dtype on sm_80; the first config in fp16 at the odd shape on sm_90a;
+    on each of the other targets, for the kernels' base builds (no ``+variant``) the dispatch table sends there, the
+    first config in the first dtype it sends (bf16, else fp16, else fp32) at the model's shapes.
     """
     out = []
     for key, launch in launches().items():
         if (kernels and not any(k in key for k in kernels)) or key in skip:
             continue
         serving = "bfloat16" if "bfloat16" in launch.dtypes else launch.dtypes[0]
+        module = key.split(":")[0]
         for dtype in launch.dtypes:
             for index, config in enumerate(configs_for(key, dtype, launch)):
                 for target in TARGETS:
                     for shape in SHAPES:
+                        if target not in PRIMARY_TARGETS:
+                            if name == "ci" and not (index == 0 and shape == "w2v-bert-2.0" and "+" not in key
+                                                     and dtype == _ci_dtype(module, target, launch.dtypes)):
+                                continue
+                            if name == "full" and shape != "w2v-bert-2.0":
+                                continue
+                            out.append((key, target, dtype, shape, config))
+                            continue
                         if name == "ci" and not _in_ci(index, target, shape, dtype, serving, launch.dtypes):
                             continue
                         if name == "full" and shape != "w2v-bert-2.0" and not _in_ci(
@@ -427,6 +486,12 @@ def plan(name, kernels=None, skip=()):
                             continue
                         out.append((key, target, dtype, shape, config))
     return out
+
+
+def _ci_dtype(module, target, dtypes):
+    """The dtype CI compiles a kernel in on a non-primary target: the first of bf16, fp16, fp32 the dispatch table
+    sends there (None: the table routes the op elsewhere on that target in every dtype)."""
+    return next((d for d in ("bfloat16", "float16", "float32") if d in dtypes and dispatched(module, target, d)), None)
 
 
 def _in_ci(index, target, shape, dtype, serving, dtypes, odd_fp32=False):
@@ -512,18 +577,16 @@ def check(plan_name="full", jobs=None, kernels=None, previous=None):
         rerun = {(t[0].split(":")[1]) for t in tasks} | {k.split(":")[1] for k in problems}
         live = {k.split(":")[1] for k in launches()}
         records = [r for r in previous["records"] if r["kernel"] not in rerun and r["kernel"] in live] + records
-    failed = list(problems.values())
     for record in records:
         record["failures"] = failures(record)
-        for why in record["failures"]:
-            failed.append(f"{record['kernel']} {record['target']} {record['dtype']} {record['shape']} "
-                          f"{_config_label(record['config'])}: {why}")
+    failed, routed = triage(records)
     sources, dirty = _sources()
     return {
         "compile_check": dict(plan=plan_name, commit=_commit(), dirty=dirty, sources=sources, **versions(),
                               shapes=SHAPES, targets=TARGETS, wall_s=round(time.perf_counter() - started, 1)),
         "records": records,
-        "failures": failed,
+        "failures": list(problems.values()) + failed,
+        "routed_elsewhere": routed,
     }
 
 
@@ -535,15 +598,18 @@ def _config_label(config):
 def summary(result):
     lines = []
     for r in result["records"]:
-        head = f"{r['kernel'][:28]:28} {r['target']:7} {r['dtype']:8} {r['shape']:12} {_config_label(r['config'])}"
+        head = (f"{r['kernel'][:28]:28} {r['target']:7} {r['dtype']:8} {r['shape']:12} {_config_label(r['config'])}"
+                + (" [routed: portable]" if r.get("routed") else ""))
         if r["ok"]:
             occ = r["occupancy"]
             lines.append(f"{head}: {r['registers']} regs, spill {r['spill_stores']}/{r['spill_loads']} B, smem "
                          f"{r['shared_bytes'] / 1024:.1f} KB, {occ['warps_per_sm']} warps/SM  [{r['compile_s']} s]")
         else:
             lines.append(f"{head}: COMPILE ERROR")
-    lines.append(f"{len(result['records'])} compiles, {len(result['failures'])} failures, "
-                 f"{result['compile_check']['wall_s']} s")
+    routed = result.get("routed_elsewhere", [])
+    lines.append(f"{len(result['records'])} compiles, {len(result['failures'])} failures, {len(routed)} problems "
+                 f"where the dispatch table runs the portable path, {result['compile_check']['wall_s']} s")
+    lines += [f"ROUTED (portable) {f}" for f in routed]
     lines += [f"FAIL {f}" for f in result["failures"]]
     return "\n".join(lines)
 

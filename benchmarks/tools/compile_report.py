@@ -1,11 +1,15 @@
 """The "Compiled kernels" section of RESULTS.md, from benchmarks/tools/compile_check.py's JSON (one document per
-triton version), and the static cost model (benchmarks/tools/cost_model.py) beside it."""
+triton version): which path each GPU arch gets (the dispatch table, ops/_backend.py), the compile tables per kernel,
+and the static cost model (benchmarks/tools/cost_model.py) beside them."""
 
 from collections import OrderedDict
 
 import cost_model
 
 MODEL_SHAPE = "w2v-bert-2.0"
+TARGET_ORDER = ("sm_90a", "sm_80", "sm_86", "sm_89", "sm_75")  # the compile check's, newest first
+GPUS = {"sm_90a": "H100, H200", "sm_80": "A100, A30", "sm_86": "A10, A40, RTX 30xx", "sm_89": "L4, L40, RTX 40xx",
+        "sm_75": "T4, RTX 20xx"}
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -29,14 +33,20 @@ def _cell(record):
     spill = record["spill_stores"] or record["spill_loads"]
     text = (f"{record['registers']} · {record['shared_bytes'] / 1024:.0f} KB · {record['occupancy']['warps_per_sm']}"
             + (f" · **spill {record['spill_stores']}/{record['spill_loads']} B**" if spill else ""))
-    return text + (" ✗" if record.get("failures") and not spill else "")
+    text += " ✗" if record.get("failures") and not spill else ""
+    return text + (" → portable" if record.get("routed") else "")
+
+
+def _targets(documents):
+    """The targets the documents compiled for, in TARGET_ORDER (sm_90a and sm_80 always: the first tables')."""
+    seen = {r["target"] for d in documents for r in d["records"]} | {"sm_90a", "sm_80"}
+    return [t for t in TARGET_ORDER if t in seen] + sorted(seen - set(TARGET_ORDER))
 
 
 def _columns(documents):
-    """[(label, triton version, target)] in a stable order: newest triton first, sm_90a before sm_80."""
+    """[(label, triton version, target)] in a stable order: newest triton first, then TARGET_ORDER."""
     versions = sorted({d["compile_check"]["triton"] for d in documents}, key=_version_key, reverse=True)
-    targets = ["sm_90a", "sm_80"]
-    return [(f"triton {v}, {t}", v, t) for v in versions for t in targets]
+    return [(f"triton {v}, {t}", v, t) for v in versions for t in _targets(documents)]
 
 
 def _version_key(version):
@@ -103,6 +113,7 @@ def render_section(documents):
            "_Generated from `benchmarks/results/compile-<triton version>.json`, written by "
            "`python benchmarks/tools/compile_check.py` (ptxas `-v` and the SASS of each compile; no GPU "
            "involved)._", ""]
+    out += dispatch_section(documents)
     for d in documents:
         info = d["compile_check"]
         failed = len(d["failures"])
@@ -113,9 +124,12 @@ def render_section(documents):
                    f"resident per SM, shared memory within the limit, the machine-code expectations met)")
     out += ["", "Each cell: registers per thread · shared memory per block · warps resident per SM (the occupancy "
             "registers, shared memory and warps allow: 65,536 registers in 4 partitions allocated per warp in units of "
-            "256, 64 warps, 32 blocks, 228 KB (sm_90a) / 164 KB (sm_80) of shared memory with 1 KB reserved per "
-            "block). Spills are shown in bold as stored/loaded bytes per thread; ✗ marks another failure (listed "
-            "below), e.g. fewer than 12 resident warps. \"≤ N regs\": the config caps registers (`maxnreg`). fp32 "
+            "256; per SM 64 warps, 32 blocks and 228 KB (sm_90a) / 164 KB (sm_80) of shared memory, 48 warps, 16 / 24 "
+            "blocks and 100 KB (sm_86 / sm_89), 32 warps, 16 blocks and 64 KB (sm_75); 1 KB reserved per block from "
+            "sm_80). Spills are shown in bold as stored/loaded bytes per thread; ✗ marks another failure (listed "
+            "below), e.g. fewer than 12 resident warps; \"→ portable\": the dispatch table runs the op's portable "
+            "path there, so the compile is shown, not required to pass. \"≤ N regs\": the config caps registers "
+            "(`maxnreg`). fp32 "
             "attention has configs of its own (its tf32x3 dots hold twice the operands). Shapes: head_dim 64, 16 "
             "heads, left 64 / right 8, 1024 channels, conv kernel 31, 30 s clips; "
             "every config the autotuner may pick (or the launcher uses).", ""]
@@ -150,7 +164,45 @@ def render_section(documents):
         out += ["### Failures", ""]
         out += [f"- triton {v}: {f}" for v, f in failures]
         out.append("")
+    routed = [(d["compile_check"]["triton"], f) for d in documents for f in d.get("routed_elsewhere", [])]
+    if routed:
+        out += ["### Routed to the portable path (not failures)", "",
+                "What the compiler finds where the dispatch table does not send the kernels:", ""]
+        out += [f"- triton {v}: {f}" for v, f in routed]
+        out.append("")
     out += cost_section(documents)
+    return out
+
+
+def dispatch_section(documents):
+    """What ``auto`` runs on each GPU arch the documents compiled for, per op and dtype, from the dispatch table as it
+    is now (ops/_backend.py), with the compile results behind each Triton entry."""
+    from w2vbert_fast.ops import _backend
+
+    ops = list(_backend.TRITON_TABLE)
+    out = ["### Which path each GPU gets (`auto`)", "",
+           "_From the dispatch table `TRITON_TABLE` in `w2vbert_fast/ops/_backend.py`: the Triton kernels where every "
+           "config compiled for that arch and dtype passes the check below, the op's portable PyTorch path elsewhere "
+           "(attention: band-decomposed over PyTorch's CUDA attention kernels; conv module: PyTorch ops; fbank: the "
+           "CPU fbank). No GPU has timed either path yet: which is faster on a card is unmeasured._", "",
+           "| arch (GPUs) | " + " | ".join(f"`{op}`" for op in ops) + " |", "|---|" + "---|" * len(ops)]
+    for target in _targets(documents):
+        arch = target[:-1] if target.endswith("a") else target
+        capability = next((c for c, name in _backend.ARCHS.items() if name == arch), None)
+        cells = []
+        for op in ops:
+            on = _backend.TRITON_TABLE[op].get(arch, ())
+            kernels = ", ".join(DTYPE_SHORT.get(d, d) for d in ("float16", "bfloat16", "float32") if d in on)
+            rest = [DTYPE_SHORT[d] for d in ("float16", "bfloat16", "float32") if d not in on]
+            refused = [DTYPE_SHORT[str(dt).replace("torch.", "")] for dt, need in _backend.DTYPE_MIN_CAPABILITY.items()
+                       if capability is not None and capability < need and op in _backend._DTYPE_BOUND_OPS]
+            portable = [d for d in rest if d not in refused]
+            parts = ([f"Triton ({kernels})"] if kernels else []) + ([f"portable ({', '.join(portable)})"]
+                                                                    if portable else [])
+            parts += [f"{', '.join(refused)} refused"] if refused else []
+            cells.append("; ".join(parts))
+        out.append(f"| {target} ({GPUS.get(target, '?')}) | " + " | ".join(cells) + " |")
+    out.append("")
     return out
 
 

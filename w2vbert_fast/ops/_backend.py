@@ -67,22 +67,21 @@ OP_DTYPES = {
 # sm_90 (Blackwell: not compiled yet) — runs the portable path. No GPU has timed either path yet (issue 20 item 5):
 # the sm_80/sm_90 entries are the kernels by construction, not by a measurement.
 ARCHS = {(7, 5): "sm_75", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90"}
-_HALF = ("float16", "bfloat16")
 _ALL = ("float16", "bfloat16", "float32")
 TRITON_TABLE = {
-    "rel_key_attention": {"sm_80": _ALL, "sm_86": _HALF, "sm_89": _HALF, "sm_90": _ALL},
+    "rel_key_attention": {"sm_80": _ALL, "sm_90": _ALL},
     "glu_depthwise_conv": {"sm_75": ("float16", "float32"), "sm_80": _ALL, "sm_86": ("float16",),
                            "sm_89": ("float16",), "sm_90": _ALL},
     "log_mel_fbank": {arch: _ALL + ("float64",) for arch in ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")},
 }
 # Why an arch of ARCHS runs an op's portable path (for the dtypes its TRITON_TABLE entry leaves out).
+_SM86_ATTENTION = ("in 100 KB of shared memory and 48 warps per SM the key-mask forward's 32x64 4-warp tile spills "
+                   "8 B a thread (fp16/bf16) and the fp32 forward's 16x64 tile leaves 8 warps per SM (triton 3.9)")
 PORTABLE_WHY = {
     ("rel_key_attention", "sm_75"): "Triton compiles every attention dot without tensor-core MMA on sm_75 "
                                     "(FMA units, 245-255 registers, spills)",
-    ("rel_key_attention", "sm_86"): "the fp32 forward's 16x64 tile leaves 8 warps per SM in sm_86's 100 KB of shared "
-                                    "memory",
-    ("rel_key_attention", "sm_89"): "the fp32 forward's 16x64 tile leaves 8 warps per SM in sm_89's 100 KB of shared "
-                                    "memory",
+    ("rel_key_attention", "sm_86"): _SM86_ATTENTION,
+    ("rel_key_attention", "sm_89"): _SM86_ATTENTION,
     ("glu_depthwise_conv", "sm_86"): "a bf16 backward and an fp32 forward config spill 8 B a thread on sm_86",
     ("glu_depthwise_conv", "sm_89"): "a bf16 backward and an fp32 forward config spill 4-8 B a thread on sm_89",
 }
