@@ -254,3 +254,30 @@ def test_the_registry_is_each_op_files_launch_meta(monkeypatch, launch_meta, pro
         assert problems == {}
     else:
         assert any(problem in why for why in problems.values()), problems
+
+
+def test_the_report_says_which_path_each_arch_gets_and_lists_routed_compiles_apart():
+    """RESULTS.md's compile section (compile_report.py): the dispatch table per arch, a routed compile's cell marked
+    and its problems under their own heading, not under Failures."""
+    import compile_report
+
+    on_t4 = clean_record(target="sm_75", dtype="float16", sass=dict(FMA_DOT, tensor_core={}),
+                         config=dict(BLOCK_M=32, num_warps=4))
+    on_h100 = clean_record(config=dict(BLOCK_M=32, num_warps=4))
+    on_h100["sass"]["tensor_core"] = {"HGMMA.64x64x16.F32.BF16": 4}
+    for record in (on_t4, on_h100):
+        record["failures"] = compile_check.failures(record)
+    failed, routed = compile_check.triage([on_t4, on_h100])
+    document = {"compile_check": dict(plan="full", commit="abc1234", triton="3.9.0"), "records": [on_h100, on_t4],
+                "failures": failed, "routed_elsewhere": routed}
+    lines = compile_report.render_section([document])
+    text = "\n".join(lines)
+    assert "| sm_75 (T4, RTX 20xx) | portable (fp16, fp32); bf16 refused | Triton (fp16, fp32); bf16 refused | " \
+           "Triton (fp16, bf16, fp32) |" in lines
+    assert "| sm_90a (H100, H200) | Triton (fp16, bf16, fp32) | Triton (fp16, bf16, fp32) |" in text
+    header = next(line for line in lines if line.startswith("| config | dtype |"))
+    assert header.endswith("| triton 3.9.0, sm_90a | triton 3.9.0, sm_80 | triton 3.9.0, sm_75 |")
+    row = next(line for line in lines if line.startswith("| BLOCK_M=32; 4 w | fp16 |"))
+    assert row.endswith("| 128 · 64 KB · 12 ✗ → portable |")
+    assert "all pass" in text and "### Failures" not in text
+    assert "### Routed to the portable path (not failures)" in text and "without tensor-core MMA" in text
