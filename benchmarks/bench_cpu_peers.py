@@ -4,6 +4,8 @@ and parity-checked against transformers before it is timed.
     pytest benchmarks/bench_cpu_peers.py --benchmark-only                   # smoke: 1 layer, 2 s (a minute or two)
     W2VBERT_FAST_CPU_PEERS=1 pytest benchmarks/bench_cpu_peers.py --benchmark-only \\
         --benchmark-json=benchmarks/results/cpu-peers-<commit>.json         # the claim: 24 layers, 6 / 20 / 30 s
+    python benchmarks/tools/cpu_peers_run.py                                # the same, on a quiet machine only,
+                                                                            # then RESULTS.md regenerated
 
 The model: the w2v-bert-2.0 architecture (hidden 1024, 16 heads, FFN 4096, relative_key 64/8, conv k=31; 24 layers,
 1 in the smoke run) with seeded random weights, **plus the one-layer adapter** of its CTC fine-tunes
