@@ -157,8 +157,8 @@ def as_if_on_cuda(gpu, monkeypatch):
     chosen = []
     real = _backend.choose
 
-    def recording(op, device, dtype, name=None):
-        choice = real(op, device, dtype, name)
+    def recording(op, device, dtype, name=None, explain=True):
+        choice = real(op, device, dtype, name, explain)
         chosen.append((op, dtype, choice.path))
         return choice
 

@@ -147,51 +147,57 @@ def _portable(op: str, device: torch.device, dtype: torch.dtype) -> str:
             "log_mel_fbank": "the CPU fbank (numpy framing, fp64 pocketfft), copied back to the device"}[op]
 
 
-def choose(op: str, device, dtype: torch.dtype, name: str = None) -> Choice:
+def choose(op: str, device, dtype: torch.dtype, name: str = None, explain: bool = True) -> Choice:
     """What ``op`` runs on ``device`` for inputs of ``dtype`` under backend ``name`` (default: the environment's),
-    and why. Reads only the device's type and compute capability: no host sync. Raises a ValueError for a dtype the
-    GPU lacks (:func:`check_device_dtype`) on ``auto`` and ``portable``, and for ``triton`` on CPU tensors without the
-    interpreter."""
+    and why (``explain=False``: the path only, no words built: what every op call asks). Reads only the device's type
+    and compute capability: no host sync. Raises a ValueError for a dtype the GPU lacks (:func:`check_device_dtype`)
+    on ``auto`` and ``portable``, and for ``triton`` on CPU tensors without the interpreter."""
     name = name or backend()
     device = torch.device(device)
+    done = lambda path, why: Choice(path, why() if explain else "")  # noqa: E731
     if op not in OP_DTYPES:
         raise ValueError(f"op must be one of {sorted(OP_DTYPES)}, got {op!r}")
     if name == "torch":
-        return Choice(REFERENCE, "W2VBERT_FAST_BACKEND=torch: the literal reference")
+        return done(REFERENCE, lambda: "W2VBERT_FAST_BACKEND=torch: the literal reference")
     interpreted = triton_interpreter_enabled()
     if device.type != "cuda":
         if name != "triton":
-            return Choice(FAST, f"{device.type} tensors: {_portable(op, device, dtype)}")
+            return done(FAST, lambda: f"{device.type} tensors: {_portable(op, device, dtype)}")
         if not interpreted:
             raise RuntimeError(
                 "W2VBERT_FAST_BACKEND=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before triton is imported, or use W2VBERT_FAST_BACKEND=auto|portable|torch")
-        return Choice(TRITON, "W2VBERT_FAST_BACKEND=triton: the kernels under Triton's interpreter")
+        return done(TRITON, lambda: "W2VBERT_FAST_BACKEND=triton: the kernels under Triton's interpreter")
     if name != "triton":
         check_device_dtype(op, device, dtype)
-    if dtype not in OP_DTYPES[op] and not interpreted:
-        return Choice(REFERENCE, f"{str(dtype).replace('torch.', '')} on a GPU: the reference (no kernel or fused "
-                                 "attention is built for it)")
-    if name == "triton":
-        return Choice(TRITON, "W2VBERT_FAST_BACKEND=triton: the Triton kernels")
-    if name == "portable":
-        return Choice(FAST, f"W2VBERT_FAST_BACKEND=portable: {_portable(op, device, dtype)}")
-    arch = arch_name(device_capability(device))
     dtype_name = str(dtype).replace("torch.", "")
+    if dtype not in OP_DTYPES[op] and not interpreted:
+        return done(REFERENCE, lambda: f"{dtype_name} on a GPU: the reference (no kernel or fused attention is built "
+                                       "for it)")
+    if name == "triton":
+        return done(TRITON, lambda: "W2VBERT_FAST_BACKEND=triton: the Triton kernels")
+    if name == "portable":
+        return done(FAST, lambda: f"W2VBERT_FAST_BACKEND=portable: {_portable(op, device, dtype)}")
+    capability = device_capability(device)
+    arch = arch_name(capability)
     if dtype_name in TRITON_TABLE[op].get(arch, ()):
-        return Choice(TRITON, f"{arch} {dtype_name}: the Triton kernels (compile check clean; speed unmeasured)")
-    if tuple(device_capability(device)) not in ARCHS:
-        why = f"{arch} is not in the dispatch table (compiled and checked: {', '.join(ARCHS.values())})"
-    else:
-        why = PORTABLE_WHY.get((op, arch), f"no checked Triton config for {dtype_name} on {arch}")
-    return Choice(FAST, f"{arch} {dtype_name}: {why}: the portable path, {_portable(op, device, dtype)}")
+        return done(TRITON, lambda: f"{arch} {dtype_name}: the Triton kernels (compile check clean; speed unmeasured)")
+
+    def portable_why():
+        if capability not in ARCHS:
+            why = f"{arch} is not in the dispatch table (compiled and checked: {', '.join(ARCHS.values())})"
+        else:
+            why = PORTABLE_WHY.get((op, arch), f"no checked Triton config for {dtype_name} on {arch}")
+        return f"{arch} {dtype_name}: {why}: the portable path, {_portable(op, device, dtype)}"
+
+    return done(FAST, portable_why)
 
 
 def dispatch(*tensors: torch.Tensor, op: str) -> str:
     """The one dispatch rule of every op: TRITON, FAST or REFERENCE for a call of ``op`` (a key of OP_DTYPES) on
     ``tensors`` (:func:`choose` on their device and the first tensor's dtype). No host sync."""
     dtype = next(t.dtype for t in tensors if t is not None)
-    return choose(op, device_of(*tensors), dtype).path
+    return choose(op, device_of(*tensors), dtype, explain=False).path
 
 
 def describe(device=None) -> str:
