@@ -141,15 +141,16 @@ def test_demo_states_its_threads_in_its_start_line(capsys):
     assert first.startswith("w2vbert_fast demo on cpu, float32, 1 torch thread (--threads 1)"), first
 
 
-def test_extract_states_its_threads_first(tmp_path, capsys, monkeypatch):
+def test_extract_states_its_threads_in_its_start_line(tmp_path, capsys, monkeypatch):
     from test_cli import write_wav
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_wav(tmp_path / "a.wav", 0.1 * np.sin(np.arange(16000) * 0.05))
     assert main(["extract", str(tmp_path / "a.wav"), "--out", str(tmp_path / "out"), "--random-weights", "tiny",
                  "--quiet"]) == 0
-    first = capsys.readouterr().err.splitlines()[0]
-    assert first == "extract: 1 torch thread (OMP_NUM_THREADS=1 from the environment)", first
+    start = capsys.readouterr().err.splitlines()[0]
+    assert start.startswith("extract: 1 inputs, 0 already written (skipped), 1 to do; layer 2 of tiny"), start
+    assert start.endswith("on cpu, float32; 1 torch thread (OMP_NUM_THREADS=1 from the environment)"), start
 
 
 def test_a_bad_threads_option_is_a_usage_error(capsys):

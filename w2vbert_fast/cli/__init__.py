@@ -12,7 +12,6 @@ The standalone path (extract) never imports transformers.
 """
 
 import argparse
-import os
 import sys
 
 from ..extract import ExtractError, ExtractOptions, extract
@@ -21,8 +20,9 @@ from .common import ARCHITECTURES, DTYPES, CommandError, model_source, resolve_d
 from .threads import command_threads
 
 
-def extract_options(args) -> ExtractOptions:
-    """The typed options of ``extract``'s arguments; the batch defaults to 300 s of audio on CUDA, 60 s on a CPU."""
+def extract_options(args, threads=None) -> ExtractOptions:
+    """The typed options of ``extract``'s arguments; the batch defaults to 300 s of audio on CUDA, 60 s on a CPU.
+    ``threads``: the command's ThreadChoice (cli.threads), for the start line."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_seconds = args.batch_seconds
     if batch_seconds is None:
@@ -32,7 +32,7 @@ def extract_options(args) -> ExtractOptions:
         list_file=args.list, manifest=args.manifest, layer=args.layer, batch_seconds=batch_seconds, device=device,
         dtype=dtype, save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, shard_size=args.shard_size,
         workers=args.workers, resample=args.resample, downmix=args.downmix, overwrite=args.overwrite,
-        quiet=args.quiet, rank_timeout=args.rank_timeout)
+        quiet=args.quiet, rank_timeout=args.rank_timeout, threads=threads.describe() if threads else "")
 
 
 def add_runtime_options(parser):
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
     try:
         with command_threads(args.threads) as threads:  # before any work; the start line says why
             if args.command == "extract":
-                if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-                    print(f"extract: {threads.describe()}", file=sys.stderr, flush=True)
-                return extract(extract_options(args))
+                return extract(extract_options(args, threads))
             if args.command == "bench":
                 return bench.bench(args, unknown, threads)
             if args.command == "check":

@@ -80,7 +80,8 @@ def extract(options: ExtractOptions, timings=None) -> int:
     work = pipeline.plan(clips, options.out, settings, net.config.hidden_size, options.overwrite, sharded)
     stored = "" if options.save_dtype in (None, options.dtype) else f", stored as {store.dtype_name(options.save_dtype)}"
     report_plan(work, len(clips) + len(failures), options.out,
-                f"layer {layer} of {description} on {job.device.type}, {store.dtype_name(options.dtype)}{stored}")
+                f"layer {layer} of {description} on {job.device.type}, {store.dtype_name(options.dtype)}{stored}"
+                + (f"; {options.threads}" if options.threads else ""))
     failures += work.failed
     planned = time.perf_counter()
     encoder = pipeline.Encoder(extractor, net, layer, job.device, options.dtype, options.save_dtype)
