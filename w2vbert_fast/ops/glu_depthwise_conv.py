@@ -85,6 +85,37 @@ def _scratch_per_program(block_t, block_c, channels, kernel_size):
 
 
 @triton.jit
+def _row_program(scratch_ptr, scratch_stride, batch, length, channels, KERNEL_SIZE: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a persistent row program (the forward, the conv/LayerNorm backward) walks and where its scratch lies:
+    (pid, channel chunks, time blocks per sequence, tiles in all, row and channel offsets, the window's tile of GLU
+    rows, the tile of conv rows after the window)."""
+    WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+    num_chunks = tl.cdiv(channels, BLOCK_C)
+    padded_channels = num_chunks * BLOCK_C
+    num_time_blocks = tl.cdiv(length, BLOCK_T)
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    window = scratch_ptr + pid.to(tl.int64) * scratch_stride
+    window_tile = window + offs_t[:, None] * BLOCK_C + offs_c[None, :]
+    conv_tile = window + WINDOW_ROWS * BLOCK_C + offs_t[:, None] * padded_channels + offs_c[None, :]
+    return pid, num_chunks, num_time_blocks, batch * num_time_blocks, offs_t, offs_c, window_tile, conv_tile
+
+
+@triton.jit
+def _tile_rows(tile, num_time_blocks, lengths_ptr, length, HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A tile's sequence, first row and the sequence's length (clamped to the buffer's, so unchecked lengths stay in
+    bounds)."""
+    b = tile // num_time_blocks
+    t0 = (tile % num_time_blocks) * BLOCK_T
+    seq_length = length
+    if HAS_LENGTHS:
+        seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
+    return b, t0, seq_length
+
+
+@triton.jit
 def _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, frame_mask_ptr, b, length,
                channels, offs_t, offs_c, KERNEL_SIZE: tl.constexpr, HAS_FRAME_MASK: tl.constexpr,
                SYNC_SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -144,25 +175,11 @@ def _glu_depthwise_conv_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only (see the configs)
 ):
-    WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
-    num_chunks = tl.cdiv(channels, BLOCK_C)
-    padded_channels = num_chunks * BLOCK_C
-    num_time_blocks = tl.cdiv(length, BLOCK_T)
-    num_tiles = batch * num_time_blocks
-
-    pid = tl.program_id(0)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_c = tl.arange(0, BLOCK_C)
-    window = scratch_ptr + pid.to(tl.int64) * scratch_stride
-    window_tile = window + offs_t[:, None] * BLOCK_C + offs_c[None, :]
-    conv_tile = window + WINDOW_ROWS * BLOCK_C + offs_t[:, None] * padded_channels + offs_c[None, :]
+    pid, num_chunks, num_time_blocks, num_tiles, offs_t, offs_c, window_tile, conv_tile = _row_program(
+        scratch_ptr, scratch_stride, batch, length, channels, KERNEL_SIZE, BLOCK_T, BLOCK_C)
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        b = tile // num_time_blocks
-        t0 = (tile % num_time_blocks) * BLOCK_T
-        seq_length = length
-        if HAS_LENGTHS:
-            seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
+        b, t0, seq_length = _tile_rows(tile, num_time_blocks, lengths_ptr, length, HAS_LENGTHS, BLOCK_T)
         x_base = x_ptr + b.to(tl.int64) * stride_xb
         row_sum = _conv_rows(x_base, stride_xt, weight_ptr, window_tile, conv_tile, t0, seq_length, frame_mask_ptr,
                              b, length, channels, offs_t, offs_c, KERNEL_SIZE, HAS_FRAME_MASK, SYNC_SCRATCH, BLOCK_T,
@@ -227,27 +244,13 @@ def _conv_norm_backward_kernel(
 ):
     """dconv = ∂L/∂(conv output), (B, T, C) fp32, through swish and LayerNorm; this program's partial sums of
     dgamma (row 0) and dbeta (row 1) of ``dnorm_partial[pid]``. The conv rows are recomputed as the forward does."""
-    WINDOW_ROWS: tl.constexpr = (BLOCK_T + KERNEL_SIZE - 1 + BLOCK_T - 1) // BLOCK_T * BLOCK_T
-    num_chunks = tl.cdiv(channels, BLOCK_C)
-    padded_channels = num_chunks * BLOCK_C
-    num_time_blocks = tl.cdiv(length, BLOCK_T)
-    num_tiles = batch * num_time_blocks
-
-    pid = tl.program_id(0)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_c = tl.arange(0, BLOCK_C)
-    window = scratch_ptr + pid.to(tl.int64) * scratch_stride
-    window_tile = window + offs_t[:, None] * BLOCK_C + offs_c[None, :]
-    conv_tile = window + WINDOW_ROWS * BLOCK_C + offs_t[:, None] * padded_channels + offs_c[None, :]
+    pid, num_chunks, num_time_blocks, num_tiles, offs_t, offs_c, window_tile, conv_tile = _row_program(
+        scratch_ptr, scratch_stride, batch, length, channels, KERNEL_SIZE, BLOCK_T, BLOCK_C)
     dgamma_partial = dnorm_partial_ptr + pid.to(tl.int64) * 2 * channels
     dbeta_partial = dgamma_partial + channels
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        b = tile // num_time_blocks
-        t0 = (tile % num_time_blocks) * BLOCK_T
-        seq_length = length
-        if HAS_LENGTHS:
-            seq_length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), length)
+        b, t0, seq_length = _tile_rows(tile, num_time_blocks, lengths_ptr, length, HAS_LENGTHS, BLOCK_T)
         _conv_rows(x_ptr + b.to(tl.int64) * stride_xb, stride_xt, weight_ptr, window_tile, conv_tile, t0,
                    seq_length, frame_mask_ptr, b, length, channels, offs_t, offs_c, KERNEL_SIZE, HAS_FRAME_MASK,
                    SYNC_SCRATCH, BLOCK_T, BLOCK_C)

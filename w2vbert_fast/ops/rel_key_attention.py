@@ -133,6 +133,20 @@ def _output_tile(b, h, rows, length, heads, BLOCK_D: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _program_block(lengths_ptr, length, heads, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HAS_LENGTHS: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr):
+    """Where a program stands, alike in every kernel: its first row and its BLOCK rows along axis 0 of the grid (query
+    rows in the forward and the dQ pass, key rows in the dK/dV pass), its (batch × head, batch, head), the sequence's
+    (key, gradient-carrying query) lengths, and the (offsets, mask) of its rows' tile in a (B, L, H, D) output."""
+    start = tl.program_id(0) * BLOCK
+    batch_head, b, h = _batch_and_head(heads)
+    offs = start + tl.arange(0, BLOCK)
+    key_length, query_length = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
+    tile_offsets, tile_mask = _output_tile(b, h, offs, length, heads, BLOCK_D, HEAD_DIM)
+    return start, batch_head, b, h, offs, key_length, query_length, tile_offsets, tile_mask
+
+
+@triton.jit
 def _table_block(table_base, rows, length, stride_tl, NUM_DISTANCES: tl.constexpr):
     """A query block's table rows, for the whole key loop (forward, dQ pass), and their two edge columns: the bias of
     every key block wholly outside the band. Rows past the end read the last row's, so every gather stays in bounds
@@ -243,12 +257,9 @@ def _forward_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head, b, h = _batch_and_head(heads)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, batch_head, b, h, offs_m, key_length, _, out_offsets, out_mask = _program_block(
+        lengths_ptr, length, heads, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_LENGTHS, ZERO_PADDED_QUERIES)
     row_in = offs_m < length
-    key_length, _ = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
-    out_offsets, out_mask = _output_tile(b, h, offs_m, length, heads, BLOCK_D, HEAD_DIM)
     out_ptrs = out_ptr + out_offsets
     lse_ptrs = lse_ptr + batch_head.to(tl.int64) * length + offs_m
 
@@ -345,11 +356,8 @@ def _backward_dkdv_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ZERO_PADDED_QUERIES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    batch_head, b, h = _batch_and_head(heads)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    key_length, query_length = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
-    grad_offsets, grad_mask = _output_tile(b, h, offs_n, length, heads, BLOCK_D, HEAD_DIM)
+    start_n, batch_head, b, h, offs_n, key_length, query_length, grad_offsets, grad_mask = _program_block(
+        lengths_ptr, length, heads, BLOCK_N, BLOCK_D, HEAD_DIM, HAS_LENGTHS, ZERO_PADDED_QUERIES)
     if start_n >= key_length:
         # padded keys get no gradient
         tl.store(dk_ptr + grad_offsets, tl.zeros([BLOCK_N, BLOCK_D], dtype=dk_ptr.dtype.element_ty), mask=grad_mask)
@@ -385,11 +393,12 @@ def _dq_key_block(state, context, start_n, KIND: tl.constexpr, BLOCK_N: tl.const
     (q, do, lse2, delta, offs_m, row_in, table_rows, bias_first, bias_last, d_table_rows, k_base, v_base, mask_base,
      key_length, stride_kl, stride_vl, left, right, qk_scale) = context
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    # masked keys: P = 0, so dS = 0 and their table entries stay as the launcher zeroed them
-    key_valid = _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK)
     rows = tl.minimum(offs_n, key_length - 1)
     k = _load_rows(k_base, rows, stride_kl, BLOCK_D, HEAD_DIM)
     v = _load_rows(v_base, rows, stride_vl, BLOCK_D, HEAD_DIM)
+    # masked keys: P = 0, so dS = 0 and their table entries stay as the launcher zeroed them (the mask after the
+    # key loads: before them, the key-mask build at (16, 64, 8 warps) spills 20 B on sm_90a at odd head sizes)
+    key_valid = _valid_keys(offs_n, key_length, mask_base, HAS_KEY_MASK)
     scores, relative = _key_block_scores(q, k, offs_m, offs_n, table_rows, bias_first, bias_last, left, right, KIND,
                                          DOT_PRECISION)
     p = tl.math.exp2(scores * qk_scale - lse2[:, None])
@@ -426,11 +435,8 @@ def _backward_dq_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Writes dS·K (unscaled, fp32) to dq and the table gradient's edge columns and band entries to d_table."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head, b, h = _batch_and_head(heads)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    key_length, query_length = _sequence_lengths(lengths_ptr, b, length, HAS_LENGTHS, ZERO_PADDED_QUERIES)
-    dq_offsets, dq_mask = _output_tile(b, h, offs_m, length, heads, BLOCK_D, HEAD_DIM)
+    start_m, batch_head, b, h, offs_m, key_length, query_length, dq_offsets, dq_mask = _program_block(
+        lengths_ptr, length, heads, BLOCK_M, BLOCK_D, HEAD_DIM, HAS_LENGTHS, ZERO_PADDED_QUERIES)
     # (the pointers before the branch, not in each store: 160 registers instead of 128 on sm_80 otherwise)
     dq_ptrs = dq_ptr + dq_offsets
     if start_m >= query_length:
