@@ -87,6 +87,23 @@ def _lengths_mask(lengths, length, device):
     return torch.arange(length, device=device)[None, :] < lengths[:, None]
 
 
+def _forward_and_gradients(op, reference, leaves, grad_out, device, dtype, grad_names):
+    """[(what, text, passed)] of ``op`` on ``device`` in ``dtype`` (forward, then the gradient of each of ``leaves``,
+    named ``grad_names``), judged against ``reference`` in fp64 and, for half precision, in ``dtype`` too."""
+    def run(fn, cast):
+        tensors = [t.to(device, cast).requires_grad_() for t in leaves]
+        out = fn(tensors)
+        return out, torch.autograd.grad(out, tensors, grad_out.to(cast))
+
+    ours = run(op, dtype)
+    expected = run(reference, torch.float64)
+    lowp = run(reference, dtype) if dtype not in (torch.float32, torch.float64) else expected
+    results = [("forward", *_judge(ours[0], lowp[0], expected[0], dtype))]
+    for name, a, b, c in zip(grad_names, ours[1], lowp[1], expected[1]):
+        results.append((name, *_judge(a, b, c, dtype, grad=True)))
+    return results
+
+
 def run_attention(device, dtype):
     """[(what, text, passed)]: forward and dq/dk/dv/dE of a ragged batch, against the fp64 reference."""
     from ..ops import rel_key_attention, rel_key_attention_reference
@@ -104,18 +121,8 @@ def run_attention(device, dtype):
         out = rel_key_attention_reference(*tensors, left, right, scale, mask)
         return out.masked_fill(~mask[..., None], 0)
 
-    def run(fn, cast):
-        tensors = [t.to(device, cast).requires_grad_() for t in leaves]
-        out = fn(tensors)
-        return out, torch.autograd.grad(out, tensors, grad_out.to(cast))
-
-    ours = run(lambda t: rel_key_attention(*t, left, right, scale, lengths), dtype)
-    expected = run(reference, torch.float64)
-    lowp = run(reference, dtype) if dtype not in (torch.float32, torch.float64) else expected
-    results = [("forward", *_judge(ours[0], lowp[0], expected[0], dtype))]
-    for name, a, b, c in zip(("dq", "dk", "dv", "d_embedding"), ours[1], lowp[1], expected[1]):
-        results.append((name, *_judge(a, b, c, dtype, grad=True)))
-    return results
+    return _forward_and_gradients(lambda t: rel_key_attention(*t, left, right, scale, lengths), reference, leaves,
+                                  grad_out, device, dtype, ("dq", "dk", "dv", "d_embedding"))
 
 
 def run_conv(device, dtype):
@@ -129,18 +136,9 @@ def run_conv(device, dtype):
     grad_out = torch.randn(batch, length, channels, generator=generator).to(device)
     lengths = torch.tensor([length, 61], device=device)
 
-    def run(fn, cast):
-        tensors = [t.to(device, cast).requires_grad_() for t in leaves]
-        out = fn(*tensors, 1e-5, lengths)
-        return out, torch.autograd.grad(out, tensors, grad_out.to(cast))
-
-    ours = run(glu_depthwise_conv, dtype)
-    expected = run(glu_depthwise_conv_reference, torch.float64)
-    lowp = run(glu_depthwise_conv_reference, dtype) if dtype not in (torch.float32, torch.float64) else expected
-    results = [("forward", *_judge(ours[0], lowp[0], expected[0], dtype))]
-    for name, a, b, c in zip(("dx", "d_conv_weight", "d_ln_weight", "d_ln_bias"), ours[1], lowp[1], expected[1]):
-        results.append((name, *_judge(a, b, c, dtype, grad=True)))
-    return results
+    return _forward_and_gradients(lambda t: glu_depthwise_conv(*t, 1e-5, lengths),
+                                  lambda t: glu_depthwise_conv_reference(*t, 1e-5, lengths), leaves, grad_out, device,
+                                  dtype, ("dx", "d_conv_weight", "d_ln_weight", "d_ln_bias"))
 
 
 def run_fbank(device, dtype):
