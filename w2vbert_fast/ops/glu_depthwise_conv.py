@@ -688,9 +688,9 @@ def glu_depthwise_conv(x, conv_weight, ln_weight, ln_bias, eps, lengths=None, fr
     frame); the kernels run forward and backward (saving x and two floats a row, and the mask, nothing else). Under torch.autocast x may be half precision while
     the weights stay fp32: each gradient comes back in its input's dtype. T = 0 gives an empty (B, 0, C) result.
 
-    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels (fp64 on a GPU: the
-    reference, no compiled config is checked for it); ``auto`` on CPU tensors and ``torch`` the reference, which is
-    the CPU's fast path too. lengths' and frame_mask's values are checked where that costs no device sync; the
+    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on a GPU arch and dtype ``_backend``'s table lists
+    as clean in the compile check, the kernels; elsewhere (other GPUs and dtypes, fp64 on a GPU, ``portable``, CPU
+    tensors) and with ``torch`` the reference, as PyTorch ops, which is the CPU's fast path too. lengths' and frame_mask's values are checked where that costs no device sync; the
     kernels clamp lengths, and read any nonzero frame_mask value as a real frame.
     """
     _check_inputs(x, conv_weight, ln_weight, ln_bias, lengths, frame_mask)

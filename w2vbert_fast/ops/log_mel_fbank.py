@@ -434,9 +434,10 @@ def log_mel_fbank(waveforms, lengths=None, normalize=True):
     makes every frame of its clip NaN, on every path (FbankExtractor rejects non-finite audio before this).
     ``normalize=False``: the log-mel itself, unnormalised (the extractor's ``do_normalize_per_mel_bins=False``).
 
-    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on CUDA tensors, the kernels; ``auto`` on CPU tensors
-    the fast CPU path; ``torch`` the literal reference. lengths' values are checked where that costs no device sync
-    (``_backend.checks_values``); elsewhere they are clamped to [400, N] on the device.
+    Backends (``W2VBERT_FAST_BACKEND``): ``triton``, or ``auto`` on a GPU (every arch ``_backend``'s table lists), the
+    kernels; ``auto`` on CPU tensors the fast CPU path; ``torch`` the literal reference. lengths' values are checked
+    where that costs no device sync (``_backend.checks_values``); elsewhere they are clamped to [400, N] on the
+    device.
     """
     if not isinstance(waveforms, torch.Tensor) or waveforms.dim() != 2:
         shape = tuple(waveforms.shape) if isinstance(waveforms, torch.Tensor) else type(waveforms).__name__

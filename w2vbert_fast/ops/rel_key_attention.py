@@ -871,10 +871,11 @@ def rel_key_attention(q, k, v, distance_embedding, left, right, scale, lengths=N
     Returns (B, L, H·D) in q's dtype.
 
     Which code runs is ``_backend.dispatch``'s choice: the Triton kernels forward and backward (``triton``, or
-    ``auto`` on CUDA tensors of a dtype the kernels are checked for: fp64 on a GPU runs the reference), the
-    band-decomposed PyTorch path (``auto`` on CPU tensors: rel_key_attention_banded.py), or the literal reference
-    with plain autograd (``torch``). The first two save only q, k, v, the output and the row log-sum-exp for
-    backward: memory stays O(L), in training too.
+    ``auto`` on a GPU arch and dtype its table lists as clean in the compile check), the band-decomposed path over
+    the device's own attention kernels (rel_key_attention_banded.py: ``auto`` on CPU tensors and on the GPUs and
+    dtypes the table leaves out, ``portable`` everywhere), or the literal reference with plain autograd (``torch``;
+    fp64 on a GPU). The first two save only q, k, v, the output and the row log-sum-exp for backward: memory stays
+    O(L), in training too. ``ops.describe()`` says what ``auto`` picks on a device.
     """
     _check_inputs(q, k, v, distance_embedding, left, right, lengths, key_mask)
     if key_mask is not None and key_mask.dtype != torch.bool:
