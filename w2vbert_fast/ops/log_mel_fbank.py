@@ -177,8 +177,13 @@ def log_mel_cpu(waveforms, lengths, normalize=False):
     framed = np.zeros((chunk, FFT_LENGTH))  # columns 400 … 511 stay 0: the FFT's padding
     spectrum = np.empty((chunk, FFT_LENGTH // 2 + 1), dtype=np.complex128)
     power = np.empty((chunk, 2 * (FFT_LENGTH // 2 + 1)), dtype=np.float32)
-    dc_weight = (1 - PREEMPHASIS) / FRAME_LENGTH
+    block_sums = np.empty(span // 80)  # sums of 80-sample blocks, a frame being 5 of them
+    frame_sums = np.empty(chunk)
+    # strided views made once: row f of all_frames is emphasised[160 f: 160 f + 400], of all_block_sums its 5 blocks
     step = emphasised.strides[0]
+    all_frames = np.lib.stride_tricks.as_strided(emphasised, (chunk, FRAME_LENGTH), (HOP_LENGTH * step, step))
+    all_block_sums = np.lib.stride_tricks.as_strided(block_sums, (chunk, 5), (2 * step, step))
+    dc_weight = (1 - PREEMPHASIS) / FRAME_LENGTH
     for clip, n in enumerate(sizes):
         count = 1 + (n - FRAME_LENGTH) // HOP_LENGTH
         for start in range(0, count, chunk):
@@ -189,12 +194,10 @@ def log_mel_cpu(waveforms, lengths, normalize=False):
             e = emphasised[:length]
             np.multiply(x[:-1], -PREEMPHASIS, out=e[1:])
             e[1:] += x[1:]  # e[0] is unused: column 0 is set below
-            frames = np.lib.stride_tricks.as_strided(e, (size, FRAME_LENGTH), (HOP_LENGTH * step, step))
-            blocks = x.reshape(-1, 80).sum(1)  # frame sums from 80-sample blocks, a frame being 5 of them
-            sums = np.lib.stride_tricks.as_strided(blocks, (size, 5), (2 * blocks.strides[0], blocks.strides[0]))
-            sums = sums.sum(1)
+            np.sum(x.reshape(-1, 80), axis=1, out=block_sums[: length // 80])
+            sums = np.sum(all_block_sums[:size], axis=1, out=frame_sums[:size])
             body = framed[:size, :FRAME_LENGTH]
-            np.subtract(frames, (dc_weight * sums)[:, None], out=body)
+            np.subtract(all_frames[:size], (dc_weight * sums)[:, None], out=body)
             # each frame's first sample against itself: 0.03 · (x₀ − mean)
             body[:, 0] = (1 - PREEMPHASIS) * (x[: size * HOP_LENGTH: HOP_LENGTH] - sums / FRAME_LENGTH)
             body *= window
@@ -205,7 +208,7 @@ def log_mel_cpu(waveforms, lengths, normalize=False):
             mel = out[clip, start:start + size]
             # the filter bank is banded: five (bins × 16 mel) blocks hold every non-zero weight, 1/5 of the work
             for low, high, mel_low, mel_high, block in _mel_filter_blocks():
-                mel[:, mel_low:mel_high] = squared[:, low:high] @ block
+                np.matmul(squared[:, low:high], block, out=mel[:, mel_low:mel_high])
         log_mel = out[clip, :count]
         np.log(np.maximum(log_mel, MEL_FLOOR, out=log_mel), out=log_mel)  # NaN stays NaN
         if normalize:
