@@ -25,13 +25,13 @@ def row(attention, conv, fbank):
 
 
 # README: T4 (sm_75): attention portable, the conv and fbank kernels, no bf16; A100 (sm_80) and H100 (sm_90): the
-# kernels; A10/RTX 30 (sm_86) and L4/RTX 40 (sm_89): attention portable, the conv kernels in fp16 (portable in bf16
-# and fp32), the fbank kernels; anything else (V100, Blackwell, …): portable, bf16 refused before sm_80.
+# kernels; A10/RTX 30 (sm_86) and L4/RTX 40 (sm_89): the attention kernels in fp16/bf16 (portable in fp32), the conv
+# kernels in fp16 (portable in bf16 and fp32), the fbank kernels; anything else (V100, Blackwell, …): portable, bf16 refused before sm_80.
 EXPECTED = {
     (7, 5): row((P, E, P), (T, E, T), (T, T, T)),
     (8, 0): row((T, T, T), (T, T, T), (T, T, T)),
-    (8, 6): row((P, P, P), (T, P, P), (T, T, T)),
-    (8, 9): row((P, P, P), (T, P, P), (T, T, T)),
+    (8, 6): row((T, T, P), (T, P, P), (T, T, T)),
+    (8, 9): row((T, T, P), (T, P, P), (T, T, T)),
     (9, 0): row((T, T, T), (T, T, T), (T, T, T)),
     (7, 0): row((P, E, P), (P, E, P), (P, P, P)),
     (10, 0): row((P, P, P), (P, P, P), (P, P, P)),

@@ -69,14 +69,15 @@ OP_DTYPES = {
 ARCHS = {(7, 5): "sm_75", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90"}
 _ALL = ("float16", "bfloat16", "float32")
 TRITON_TABLE = {
-    "rel_key_attention": {"sm_80": _ALL, "sm_90": _ALL},
+    "rel_key_attention": {"sm_80": _ALL, "sm_86": ("float16", "bfloat16"), "sm_89": ("float16", "bfloat16"),
+                          "sm_90": _ALL},
     "glu_depthwise_conv": {"sm_75": ("float16", "float32"), "sm_80": _ALL, "sm_86": ("float16",),
                            "sm_89": ("float16",), "sm_90": _ALL},
     "log_mel_fbank": {arch: _ALL + ("float64",) for arch in ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")},
 }
 # Why an arch of ARCHS runs an op's portable path (for the dtypes its TRITON_TABLE entry leaves out).
-_SM86_ATTENTION = ("in 100 KB of shared memory and 48 warps per SM the key-mask forward's 32x64 4-warp tile spills "
-                   "8 B a thread (fp16/bf16) and the fp32 forward's 16x64 tile leaves 8 warps per SM (triton 3.9)")
+_SM86_ATTENTION = ("in fp32, with 100 KB of shared memory per SM, the forward's 16x64 8-warp tile (52 KB) leaves 8 "
+                   "warps resident per SM (triton 3.6 and 3.9)")
 PORTABLE_WHY = {
     ("rel_key_attention", "sm_75"): "Triton compiles every attention dot without tensor-core MMA on sm_75 "
                                     "(FMA units, 245-255 registers, spills)",
