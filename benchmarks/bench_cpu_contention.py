@@ -6,7 +6,7 @@ against N, this checkout against the package before its fbank ran on the calling
 Conditions: ``quiet`` (nothing started by this script; the load average before says what else ran) and ``loaded``
 (one busy-loop Python process per CPU this process may use, started before and stopped after: what a shared
 machine, or a container whose cgroup quota is below its visible cores, does to torch's threads). Threads: 1 and N
-(the CPUs this process may use, ``w2vbert_fast.cli.threads``), set as ``OMP_NUM_THREADS`` for a fresh process per
+(the CPUs this process may use, ``w2vbert_fast.cli.common``), set as ``OMP_NUM_THREADS`` for a fresh process per
 (condition, threads, package), so torch, MKL and numpy's OpenBLAS all take it.
 
 Workloads, each timed in that process after one untimed call:
@@ -148,7 +148,7 @@ def main(argv=None):
     parser.add_argument("--json", help="where to write the results (default: print them)")
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from w2vbert_fast.cli.threads import choose_threads
+    from w2vbert_fast.cli.common import choose_threads
 
     cpus = choose_threads(environ={}).threads  # the CPUs this process may use (affinity, quota)
     thread_counts = sorted({1, cpus})

@@ -1,4 +1,4 @@
-"""cli/threads.py: the commands size torch's threads from the CPUs the process may really use (affinity mask,
+"""cli/common.py: the commands size torch's threads from the CPUs the process may really use (affinity mask,
 cgroup v2 / v1 CPU quota, rounded down, at least 1); --threads, then OMP_NUM_THREADS, win; the commands say so in
 their start line."""
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from w2vbert_fast.cli import main, threads
-from w2vbert_fast.cli.threads import apply_threads, cgroup_cpu_limit, choose_threads, command_threads
+from w2vbert_fast.cli import common as threads
+from w2vbert_fast.cli import main
+from w2vbert_fast.cli.common import apply_threads, cgroup_cpu_limit, choose_threads, command_threads
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                         help="the bench's smoke size instead (1 layer, 2 s: checks the wiring in a minute or two)")
     args, pytest_args = parser.parse_known_args(argv)
     sys.path.insert(0, ROOT)
-    from w2vbert_fast.cli.threads import choose_threads
+    from w2vbert_fast.cli.common import choose_threads
 
     cpus = choose_threads(environ={}).threads
     max_load = args.max_load if args.max_load is not None else 0.5 * cpus

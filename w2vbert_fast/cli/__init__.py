@@ -17,12 +17,12 @@ import sys
 from ..extract import ExtractError, ExtractOptions, extract
 from . import bench, check, demo
 from .common import ARCHITECTURES, DTYPES, CommandError, model_source, resolve_device_dtype
-from .threads import command_threads
+from .common import command_threads
 
 
 def extract_options(args, threads=None) -> ExtractOptions:
     """The typed options of ``extract``'s arguments; the batch defaults to 300 s of audio on CUDA, 60 s on a CPU.
-    ``threads``: the command's ThreadChoice (cli.threads), for the start line."""
+    ``threads``: the command's ThreadChoice (cli.common), for the start line."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_seconds = args.batch_seconds
     if batch_seconds is None:

@@ -29,7 +29,7 @@ def missing_test_extras() -> list:
 
 
 def bench(args, pytest_args, threads=None) -> int:
-    """``threads``: the ThreadChoice (cli.threads) the benchmark processes get, as OMP_NUM_THREADS."""
+    """``threads``: the ThreadChoice (cli.common) the benchmark processes get, as OMP_NUM_THREADS."""
     if not os.path.isfile(os.path.join(BENCHMARKS, "conftest.py")):
         print("bench needs a checkout of the w2vbert_fast repository (its benchmarks/ folder is not installed with "
               "the package):\n  git clone … && cd w2vbert_fast && pip install -e '.[test]' && "

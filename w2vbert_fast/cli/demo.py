@@ -113,7 +113,7 @@ def read_clip(path):
 
 
 def demo(args, threads=None):
-    """``threads``: the ThreadChoice the command runs with (cli.threads), shown in the start line."""
+    """``threads``: the ThreadChoice the command runs with (cli.common), shown in the start line."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     use_transformers = transformers_available(not args.no_transformers)
     path = args.audio or bundled_clip_path()

@@ -90,7 +90,7 @@ class ExtractOptions:
     overwrite: bool = False  # replace outputs computed with another layer, model, dtype or source
     quiet: bool = False  # no progress line
     rank_timeout: float = 300.0  # under torchrun: seconds of silence after which a rank counts as lost
-    threads: str = ""  # the command's torch threads and why (cli/threads.py), said at the end of the start line
+    threads: str = ""  # the command's torch threads and why (cli/common.py), said at the end of the start line
 
 
 # ---------------------------------------------------------------------------------- the model it runs
