@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch._dynamo.testing
 from conftest import FP32_ATOL, requires_cuda
-from model_helpers import DEVICE, max_diff_on_valid, our_model_like, ragged_batch, transformers_model
+from model_helpers import (DEVICE, capture_masked_forward, max_diff_on_valid, our_model_like, ragged_batch,
+                           transformers_model)
 
 import w2vbert_fast
 
@@ -150,15 +151,7 @@ def test_manual_cuda_graph_capture_of_the_masked_forward_replays_new_inputs(back
     model, features, mask, ref = gpu_model_and_batch()
     static_features, static_mask = torch.zeros_like(features), torch.ones_like(mask)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture: autotuning, cuBLAS handles
-            for _ in range(2):
-                model(static_features, attention_mask=static_mask)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_features, attention_mask=static_mask).last_hidden_state
+        graph, static_out = capture_masked_forward(model, static_features, static_mask)
         static_features.copy_(features)
         static_mask.copy_(mask)
         graph.replay()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from conftest import FP32_ATOL, requires_cuda
-from model_helpers import DEVICE, our_model_like, transformers_model
+from model_helpers import DEVICE, capture_masked_forward, our_model_like, transformers_model
 
 import w2vbert_fast
 
@@ -260,15 +260,7 @@ def test_a_cuda_graph_of_the_masked_forward_replays_every_mask_form(backend):
     static_mask = torch.ones(3, LENGTH, dtype=torch.long, device="cuda")
     static_features = torch.zeros(3, LENGTH, FEATURES, device="cuda")
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model(static_features, attention_mask=static_mask)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_features, attention_mask=static_mask).last_hidden_state
+        graph, static_out = capture_masked_forward(model, static_features, static_mask)
         for form in FORMS:
             mask = mask_of(form)
             features = features_for(mask)

@@ -82,12 +82,13 @@ def time_once(device, fn):
 
 def measure(length, device, dtype, rounds, warmup):
     inputs = make_inputs(length, device, dtype, copies=4 if device.type == "cuda" else 1)
+    masks = cases(length, device, dtype)
     results = {}
     for backward in (False, True):
         mode = "forward+backward" if backward else "forward"
-        times = {name: [] for name in cases(length, device, dtype)}
+        times = {name: [] for name in masks}
         for round_index in range(warmup + rounds):
-            for name, (lengths, key_mask) in cases(length, device, dtype).items():
+            for name, (lengths, key_mask) in masks.items():
                 x = inputs[round_index % len(inputs)]
                 with torch.set_grad_enabled(backward):
                     seconds = time_once(device, lambda: call(x, lengths, key_mask, backward))
