@@ -281,3 +281,27 @@ def test_the_report_says_which_path_each_arch_gets_and_lists_routed_compiles_apa
     assert row.endswith("| 128 · 64 KB · 12 ✗ → portable |")
     assert "all pass" in text and "### Failures" not in text
     assert "### Routed to the portable path (not failures)" in text and "without tensor-core MMA" in text
+
+
+def test_a_git_archive_snapshot_records_the_commit_git_archive_stamped(tmp_path, monkeypatch):
+    """The long check runs from ``git archive HEAD | tar -x`` (no .git): the commit comes from the export-subst file."""
+    stamp = tmp_path / "benchmarks" / "tools" / "archive_commit"
+    stamp.parent.mkdir(parents=True)
+    monkeypatch.setattr(compile_check, "ROOT", str(tmp_path))
+    stamp.write_text("$Format:%H$\n")  # a checkout, not an archive: nothing stamped
+    assert compile_check._commit() is None
+    stamp.write_text("50c521c0123456789abcdef0123456789abcdef0\n")
+    assert compile_check._commit() == "50c521c"
+
+
+def test_git_archive_stamps_the_commit_file():
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "HEAD", "benchmarks/tools/archive_commit"],
+                             capture_output=True, check=True).stdout
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        stamped = tar.extractfile("benchmarks/tools/archive_commit").read().decode().strip()
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert stamped == head

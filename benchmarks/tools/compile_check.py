@@ -541,11 +541,19 @@ def versions():
 
 
 def _commit():
+    """HEAD's short hash; in a ``git archive`` snapshot (no .git: how a long check is kept clear of edits made while
+    it runs), the hash git archive wrote into ``archive_commit`` (``export-subst`` in .gitattributes)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        with open(os.path.join(ROOT, "benchmarks", "tools", "archive_commit")) as f:
+            stamped = f.read().strip()
+    except OSError:
         return None
+    return stamped[:7] if stamped and not stamped.startswith("$Format") else None
 
 
 def _sources():
