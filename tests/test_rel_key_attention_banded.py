@@ -118,6 +118,47 @@ def test_chunked_half_precision_inputs_give_half_outputs_within_half_error(dtype
     assert_half_precision_close(out, torch_low, expected)
 
 
+@pytest.mark.parametrize("length", [384, 385, 1000])
+def test_cpu_default_chunking_matches_reference_either_side_of_one_chunk(length):
+    """The CPU primitive picks its own rows per step (one chunk up to 384 fp32 frames, 256-row chunks beyond)."""
+    rows = banded.primitive_for("cpu", torch.float32).rows_per_chunk(length, torch.float32)
+    assert rows == (length if length <= 384 else 256)
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, length, 2, 8, generator=generator) for _ in range(3))
+    emb = torch.randn(73, 8, generator=generator)
+    lengths = torch.tensor([length, length - 100])
+    out, _ = rel_key_attention_chunked(q, k, v, emb, 64, 8, 8 ** -0.5, lengths, True)
+    torch.testing.assert_close(out, reference(q, k, v, emb, 64, 8, 8 ** -0.5, lengths, True), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["bf16-without-bf16-instructions", "bf16-instructions"])
+def test_cpu_bf16_forward_computes_in_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, native):
+    monkeypatch.setattr(banded, "native_bf16", lambda: native)
+    cpu = banded.primitive_for("cpu", torch.bfloat16)
+    assert cpu.compute_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert cpu.compute_dtype(torch.bfloat16, backward=True) == torch.float32  # P recomputed from the lse in fp32
+    assert cpu.compute_dtype(torch.float16) == torch.float32
+    assert ("bfloat16 forward / float32 backward math" in banded.describe_primitive("cpu", torch.bfloat16)) == native
+
+    q, k, v, emb, left, right, scale = make_inputs("L33-band-wider-than-chunk", torch.float64)
+    lengths = ragged_lengths(q.shape[0], q.shape[1])
+    low = [t.to(torch.bfloat16) for t in (q, k, v, emb)]
+    out, lse = rel_key_attention_chunked(*low, left, right, scale, lengths, True, chunk=CHUNK)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    exact_inputs = [t.double().requires_grad_() for t in low]
+    expected = reference(*exact_inputs, left, right, scale, lengths, True)
+    assert_half_precision_close(out, reference(*low, left, right, scale, lengths, True), expected.detach())
+    # the fp32 backward from the bf16 forward's output and lse: gradients within bf16's error of the exact ones
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected.backward(grad_out)
+    grads = rel_key_attention_chunked_backward(grad_out.to(torch.bfloat16), *low, out, lse, left, right, scale,
+                                               lengths, True, chunk=CHUNK)
+    for name, grad, tensor in zip(("dq", "dk", "dv", "d_distance_embedding"), grads, exact_inputs):
+        assert grad.dtype == torch.bfloat16
+        error = (grad.double() - tensor.grad).abs().max() / tensor.grad.abs().max()
+        assert error < 3e-2, f"{name}: {error:.3g} of the largest value"
+
+
 # ---------------------------------------------------------------------------------- the CUDA primitive's plumbing
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
@@ -295,6 +336,7 @@ def test_cuda_primitive_half_precision_takes_flash_for_the_unbiased_parts_where_
 
 def test_primitive_for_picks_by_device_and_capability(monkeypatch):
     assert isinstance(banded.primitive_for("cpu", torch.bfloat16), banded.CpuFlash)
+    monkeypatch.setattr(banded, "native_bf16", lambda: False)
     assert banded.primitive_for("cpu", torch.bfloat16).compute_dtype(torch.bfloat16) == torch.float32
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     t4 = banded.primitive_for("cuda:0", torch.float16)

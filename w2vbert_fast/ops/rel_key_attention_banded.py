@@ -27,7 +27,8 @@ primitive (``primitive_for``): forward (out, lse) with an optional additive bias
 when asked, the bias's gradient).
 
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, in fp32 for half inputs (a half
-  softmax on the CPU is slower and less accurate); the band's backward, which needs dS, by matmuls.
+  softmax on the CPU is slower and less accurate) except a bf16 forward where the CPU multiplies bf16 in hardware
+  (``CpuFlash.compute_dtype``); the band's backward, which needs dS, by matmuls.
 - CUDA: the memory-efficient (CUTLASS) kernels, ``aten._efficient_attention_forward`` / ``_backward``: an additive
   bias, the log-sum-exp, dS for the band, fp16 on tensor cores from sm_75, bf16 from sm_80, fp32; and FlashAttention-2
   (``aten._scaled_dot_product_flash_attention``) for the forward of the unbiased outer parts in fp16/bf16 on sm_80 to
@@ -63,13 +64,28 @@ def _matmul_backward(d_out, q, k, v, bias, out, lse):
             torch.matmul(probs.transpose(-1, -2), d_out), d_scores)
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch.cpu reports it (False where this
+    torch cannot tell)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 class CpuFlash:
     """PyTorch's fused CPU flash attention."""
 
     name = "CPU flash attention (aten._scaled_dot_product_flash_attention_for_cpu)"
-    # Query rows per step. The flash kernel blocks the outer parts itself; the chunk only sets the band's share of
-    # the work (chunk + left + right keys per row, the only scores with an explicit bias) and the loop's length.
-    chunk = 512
+    def rows_per_chunk(self, length, dtype):
+        """Query rows per step for ``length`` frames computed in ``dtype``. The flash kernel blocks the outer parts
+        itself; the chunk sets the band's share of the work (chunk + left + right keys a row, the only scores with
+        an explicit bias) and the size of the band's bias buffer, fresh memory each chunk (page faults: the cost
+        that grows fastest with it). Measured on 2 cores, L = 300 … 3,000 (fp32 and bf16, one call, 16 heads):
+        256 rows in fp32 and 512 in bf16 are at or near the fastest from L ≈ 500 up (512 fp32 rows were 1.1–1.5×
+        slower there), and one chunk is fastest up to about 1.5 of those (fp32 L = 450: 9.2 ms against 10.5;
+        bf16 L = 700: 9.9 against 11.0), not beyond (fp32 520: 20.7 against 14.6; bf16 800: 21.8 against 15.8)."""
+        rows = 1024 // torch.empty((), dtype=dtype).element_size()
+        return length if length <= rows * 3 // 2 else rows
     head_dim_multiple = 1  # any head dim
     bias_alignment = 1  # any bias strides
 
@@ -78,7 +94,14 @@ class CpuFlash:
         self._backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
     @staticmethod
-    def compute_dtype(dtype):
+    def compute_dtype(dtype, backward=False):
+        """fp32 for half inputs (a half softmax on the CPU is slower and less accurate), except a bf16 forward on a
+        CPU with bf16 matrix instructions: there the flash kernel runs its GEMMs in bf16 (AMX tiles, AVX512-BF16) at
+        1.5–2× its fp32 speed (2 cores with AMX, L = 300 … 1,500), with the output's error against fp64 twice
+        bf16's rounding (0.7 % of the largest value against 0.33 %). The backward stays fp32: the band's matmul
+        backward recomputes P from the lse, which a bf16 subtraction would round."""
+        if dtype == torch.bfloat16 and not backward and native_bf16():
+            return dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def forward(self, q, k, v, bias):
@@ -114,6 +137,9 @@ class CudaSdpa:
     head_dim_multiple = 8  # the kernels' aligned (vectorised) variants; zero-padded by the algorithm
     bias_alignment = 16  # elements: 16-byte rows for every dtype (8 would do for half, 4 for fp32)
 
+    def rows_per_chunk(self, length, dtype):
+        return self.chunk
+
     def __init__(self, capability, dtype, ops=_AtenCudaOps):
         self.capability = tuple(capability)
         self.ops = ops
@@ -124,7 +150,7 @@ class CudaSdpa:
                         if self.flash else ""))
 
     @staticmethod
-    def compute_dtype(dtype):
+    def compute_dtype(dtype, backward=False):
         return dtype  # the tensor cores' dtype; the kernels accumulate in fp32
 
     def _bias(self, bias, q, k):
@@ -199,10 +225,10 @@ class _Inputs:
     compute dtype with the scale folded into q (the head dim zero-padded to the primitive's multiple), the table,
     the edge-shifted keys and the key mask as an additive bias."""
 
-    def __init__(self, q, k, v, distance_embedding, left, right, scale, lengths, key_mask, primitive):
+    def __init__(self, q, k, v, distance_embedding, left, right, scale, lengths, key_mask, primitive, backward=False):
         self.batch, self.length, self.heads, self.head_dim = q.shape
         self.left, self.right, self.primitive = left, right, primitive
-        self.dtype = dtype = primitive.compute_dtype(q.dtype)
+        self.dtype = dtype = primitive.compute_dtype(q.dtype, backward)
         self.accumulate = torch.promote_types(dtype, torch.float32)  # gradients and lse, whatever the inputs
         pad = (0, _round_up(self.head_dim, primitive.head_dim_multiple) - self.head_dim)
         heads_first = lambda t: F.pad(t.transpose(1, 2).to(dtype), pad).contiguous()  # noqa: E731
@@ -233,16 +259,40 @@ class _Inputs:
         return None if self.key_bias is None else self.key_bias[..., start:end]
 
     def band_bias(self, i0, i1, a, b):
-        """(B, H, chunk, b - a): the band's scores' bias, plus the key mask; and the bucket of each column. Gathered
-        over a width rounded up to the primitive's bias alignment and sliced, so the rows are aligned as gathered."""
-        rows = torch.arange(i0, i1, device=self.q.device)
-        cols = torch.arange(a, a + _round_up(b - a, self.primitive.bias_alignment), device=self.q.device)
-        bucket = (cols[None, :] - rows[:, None]).clamp(-self.left, self.right) + self.left
+        """(B, H, chunk, b - a): the band's scores' bias, plus the key mask. Row i, column j holds
+        table[i, clamp(j - i, -left, right) + left], a function of j - i along the row: so the bias is a skewed view
+        (row stride one less than its buffer's row length) of rows that each hold their table row laid out by
+        distance, the edge values repeated. Three copies write it, nothing gathers it (a gather's index alone would
+        be (B, H, chunk, b - a) int64), and the kernel reads it through its strides. The buffer's rows and heads are
+        padded so that the view's pointer and strides meet the primitive's bias alignment; the padding is never read."""
+        rows, width, align = i1 - i0, b - a, self.primitive.bias_alignment
+        span = width + rows - 1  # distances (a - i1 + 1) … (b - 1 - i0), in this order along a buffer row
+        first = a - i1 + 1
+        lead = -(rows - 1) % align  # so that the view starts aligned
+        row_length = _round_up(lead + span - 1, align) + 1  # the view's row stride, row_length - 1, aligned
+        head_length = _round_up(rows * row_length, align)
+        left_edge = min(max(-self.left - first, 0), span)  # distances below -left: E[0]'s value
+        right_edge = min(max(first + span - 1 - self.right, 0), span)  # above right: E[R-1]'s
+        inside = span - left_edge - right_edge
+        low = max(first, -self.left) + self.left  # the table column of the first distance inside the window
         table = self.table[:, :, i0:i1]
-        bias = torch.gather(table, 3, bucket.expand(*table.shape[:2], *bucket.shape))[..., :b - a]
+        batch, heads = table.shape[:2]
+        buffer = table.new_empty(batch, heads, head_length)
+        rows_view = buffer[..., :rows * row_length].view(batch, heads, rows, row_length)[..., lead:lead + span]
+        rows_view[..., :left_edge] = table[..., :1]
+        rows_view[..., left_edge:left_edge + inside] = table[..., low:low + inside]
+        rows_view[..., left_edge + inside:] = table[..., -1:]
+        bias = buffer.as_strided((batch, heads, rows, width), (heads * head_length, head_length, row_length - 1, 1),
+                                 buffer.storage_offset() + lead + rows - 1)
         if self.key_bias is not None:
             bias += self.key_bias[..., a:b]
-        return bias, bucket[:, :b - a]
+        return bias
+
+    def band_buckets(self, i0, i1, a, b):
+        """(chunk, b - a): the table column each of the band's scores took its bias from (the backward's scatter)."""
+        rows = torch.arange(i0, i1, device=self.q.device)
+        cols = torch.arange(a, b, device=self.q.device)
+        return (cols[None, :] - rows[:, None]).clamp(-self.left, self.right) + self.left
 
     def attend(self, q_c, keys, start, end, bias):
         """One part's (out, lse). A part whose keys [start, end) are all masked for a sequence has no softmax (ATen's
@@ -285,8 +335,8 @@ def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, l
     ``primitive``: the attention primitive (default ``primitive_for(q.device, q.dtype)``); ``chunk``: query rows per
     step (default the primitive's)."""
     primitive = primitive or primitive_for(q.device, q.dtype)
-    chunk = chunk or primitive.chunk
     x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths, key_mask, primitive)
+    chunk = chunk or primitive.rows_per_chunk(x.length, x.dtype)
     out = torch.empty_like(x.q)
     lse = torch.empty(x.batch, x.heads, x.length, device=q.device, dtype=x.accumulate)
     for i0, i1, a, b in _chunks(x.length, left, right, chunk):
@@ -295,7 +345,7 @@ def rel_key_attention_chunked(q, k, v, distance_embedding, left, right, scale, l
         if a > 0:
             parts.append(x.attend(q_c, x.k_left, 0, a, x.key_bias_of(0, a)))
         if b > a:
-            parts.append(x.attend(q_c, x.k, a, b, x.band_bias(i0, i1, a, b)[0]))
+            parts.append(x.attend(q_c, x.k, a, b, x.band_bias(i0, i1, a, b)))
         if b < x.length:
             parts.append(x.attend(q_c, x.k_right, b, x.length, x.key_bias_of(b, None)))
         if len(parts) == 1:
@@ -316,8 +366,8 @@ def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, ou
     """Backward of ``rel_key_attention_chunked`` from its output and lse: (dq, dk, dv, d_distance_embedding), each
     in its input's dtype. No autograd; nothing of size L×L. Gradients accumulate in fp32 (fp64 for fp64 inputs)."""
     primitive = primitive or primitive_for(q.device, q.dtype)
-    chunk = chunk or primitive.chunk
-    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths, key_mask, primitive)
+    x = _Inputs(q, k, v, distance_embedding, left, right, scale, lengths, key_mask, primitive, backward=True)
+    chunk = chunk or primitive.rows_per_chunk(x.length, x.dtype)
     acc, padded_dim = x.accumulate, x.q.shape[-1]
 
     def as_heads(t):
@@ -346,7 +396,7 @@ def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, ou
                 dv[:, :, start:end] += dv_p
                 d_emb[emb_row] += dk_p.sum(dim=(0, 1, 2), dtype=acc)  # these keys carried E[0] / E[R-1]
         if b > a:
-            bias, bucket = x.band_bias(i0, i1, a, b)
+            bias, bucket = x.band_bias(i0, i1, a, b), x.band_buckets(i0, i1, a, b)
             dq_p, dk_p, dv_p, d_scores = primitive.backward(d_out_c, q_c, x.k[:, :, a:b], x.v[:, :, a:b], bias,
                                                             out_c, lse_c, True)
             dq_c += dq_p
@@ -364,5 +414,9 @@ def rel_key_attention_chunked_backward(grad_out, q, k, v, distance_embedding, ou
 def describe_primitive(device, dtype):
     """One line: the attention kernels the band-decomposed path runs on ``device`` for ``dtype``."""
     primitive = primitive_for(device, dtype)
-    compute = primitive.compute_dtype(dtype)
-    return f"{primitive.name}, {str(compute).replace('torch.', '')} math, {primitive.chunk}-row query chunks"
+    forward, backward = (str(primitive.compute_dtype(dtype, b)).replace("torch.", "") for b in (False, True))
+    math = f"{forward} math" if forward == backward else f"{forward} forward / {backward} backward math"
+    forward_rows = primitive.rows_per_chunk(1 << 20, primitive.compute_dtype(dtype))
+    backward_rows = primitive.rows_per_chunk(1 << 20, primitive.compute_dtype(dtype, True))
+    rows = forward_rows if forward_rows == backward_rows else f"{forward_rows} forward / {backward_rows} backward"
+    return f"{primitive.name}, {math}, query chunks of {rows} rows"
