@@ -23,7 +23,15 @@ def test_a_contention_run_gets_its_own_section_with_one_row_per_condition():
     assert "## CPU under contention (2 cores, `cpu-contention-b.json`)" in text
     assert "quiet: 0.2 before, 2.1 after" in text
     rows = [line for line in text.splitlines() if line.startswith("| loaded, 2 threads |")]
-    assert rows == ["| loaded, 2 threads | 30.5 | 850.0 | 1,133 | 1,539 | 1,502 | 0.98× |"]
+    assert rows == ["| loaded, 2 threads | 30.5 | 850.0 | 1,133 | 1,539 | 1,502 | 0.98× | — |"]
+
+
+def test_a_contention_run_with_alternating_rounds_shows_the_median_per_round_ratio():
+    document = contention_document()
+    document["summary"]["loaded, 2 threads"]["encoder speed-up, median per round"] = 1.041
+    text = report.render([("/x/cpu-contention-b.json", document)])
+    rows = [line for line in text.splitlines() if line.startswith("| loaded, 2 threads |")]
+    assert rows == ["| loaded, 2 threads | 30.5 | 850.0 | 1,133 | 1,539 | 1,502 | 0.98× | 1.04× |"]
 
 
 def test_a_contention_document_is_not_taken_for_pytest_benchmark_output(tmp_path):
