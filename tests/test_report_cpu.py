@@ -55,3 +55,40 @@ def test_peer_rows_show_their_error_first_call_and_load():
     assert row["vs reference"] == "2.00×"
     assert row["error vs transformers fp32"] == "1.0e-02"
     assert row["first call"] == "42.8 s" and row["load (1 min)"] == "3.4"
+
+
+def test_a_mask_cost_run_gets_a_row_per_pass_and_mask_form():
+    document = {"what": "ops.rel_key_attention: cost of a key mask", "device": "cpu", "dtype": "float32",
+                "shape": {"batch": 2, "length": 1000, "heads": 16, "head_dim": 64, "real_frames": [1000, 700]},
+                "torch": "2.13.0", "threads": 2, "commit": "17163c7", "rounds": 11,
+                "load_average_before": [1.3, 1.7, 2.5], "load_average_after": [1.6, 1.8, 2.5],
+                "results": {"forward": {"lengths": {"median_ms": 155.1, "min_ms": 133.7, "ratio_to_lengths": 1.0},
+                                        "lengths+key_mask": {"median_ms": 144.3, "min_ms": 127.3,
+                                                             "ratio_to_lengths": 0.93}}}}
+    text = report.render([("/x/mask-cost-cpu-17163c7.json", document)])
+    assert "## Cost of a key mask (cpu, float32, `mask-cost-cpu-17163c7.json`)" in text
+    assert "| forward | lengths+key_mask | 144.3 | 127.3 | 0.93× |" in text
+
+
+def test_a_bf16_isa_run_gets_a_row_per_cap_with_the_onednn_kernel_it_ran(tmp_path):
+    import json
+
+    def times(fp32, bf16, error):
+        return {"fp32": {"median_ms": fp32, "error_vs_transformers_fp32": 0.0},
+                "bf16": {"median_ms": bf16, "error_vs_transformers_fp32": error}}
+
+    ours, theirs = times(250.0, 80.0, 0.014), times(260.0, 90.0, 0.013)
+    results = {f"{name}, {dtype}": row for name, rows in (("ours", ours), ("transformers sdpa", theirs))
+               for dtype, row in rows.items()}
+    document = {"environment": {"commit": "d" * 40, "torch": "2.13.0", "cores": 2, "threads": 2},
+                "options": {"layers": 2, "seconds": 6.0, "rounds": 5}, "caveat": "caps oneDNN only",
+                "caps": {"AVX512_CORE_BF16": {"results": results, "speed_up_bf16": {"ours": 3.12,
+                                                                                   "transformers sdpa": 2.89},
+                                              "onednn": {"bfloat16": ["cpu,inner_product,brg:avx512_core_bf16"]},
+                                              "load_before": [0.4, 0.3, 0.2]}}}
+    path = tmp_path / "cpu-bf16-isa-d.json"
+    path.write_text(json.dumps(document))
+    text = report.render(report.load([str(path)]))
+    assert "## bf16 on a CPU, by instruction set (2 cores, `cpu-bf16-isa-d.json`)" in text
+    assert ("| AVX512_CORE_BF16 | 250.0 | 80.0 | 3.12× | 260.0 | 90.0 | 2.89× | 0.014 / 0.013 | "
+            "brg:avx512_core_bf16 | 0.4 |") in text

@@ -9,12 +9,13 @@ PyTorch runs bf16 and fp32 matmuls through on x86):
 * ``default``: everything the CPU has (here AMX tiles: oneDNN's ``avx512_core_amx`` kernels);
 * ``AVX512_CORE_BF16``: AVX-512 with the bf16 dot-product instructions, no AMX (Cooper Lake, Zen 4);
 * ``AVX512_CORE_VNNI``: AVX-512 without bf16 instructions (Skylake-SP … Ice Lake): bf16 converted to fp32 in-kernel;
-* ``AVX2``: oneDNN's AVX2 kernels, with ``ATEN_CPU_CAPABILITY=avx2`` for PyTorch's own vectorised ops too.
+* ``AVX2``: oneDNN's AVX2 kernels, with ``ATEN_CPU_CAPABILITY=avx2`` for PyTorch's own vectorised ops and
+  ``MKL_ENABLE_INSTRUCTIONS=AVX2`` for MKL's fp32 GEMM.
 
-What the cap cannot emulate, and the JSON says so: PyTorch sends a bf16 matmul to oneDNN only when cpuinfo reports
-AVX-512 (or AMX), and cpuinfo reads the real CPU; on a real AVX2-only CPU bf16 matmuls take PyTorch's fallback GEMM
-instead, which this run does not measure. Each process records the oneDNN implementation its bf16 and fp32 matmuls
-ran (``ONEDNN_VERBOSE`` on one Linear), so a cap that did not take shows.
+fp32 Linear layers run MKL's sgemm, which only the AVX2 cap restricts (the other caps are CPUs with AVX-512, which
+MKL uses); bf16 ones run oneDNN. Each process records the oneDNN implementation its bf16 Linear ran
+(``ONEDNN_VERBOSE`` on one Linear), so a cap that did not take shows; none recorded means oneDNN declined the bf16
+matmul and PyTorch's own GEMM ran it.
 
 Workload: the w2v-bert-2.0 layer sizes, 2 layers (seeded random weights), one 6 s clip of the bundled speech;
 ours and transformers sdpa, fp32 and bf16, in alternating rounds; the error of each bf16 output against
@@ -31,7 +32,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPS = {"default": {}, "AVX512_CORE_BF16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
         "AVX512_CORE_VNNI": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
-        "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+        "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 # Runs in a fresh process: argv = [package root, options as JSON]; prints oneDNN's verbose lines, then one JSON line.
 RUNNER = r'''
@@ -101,9 +102,9 @@ def implementations(stdout):
         if line.startswith("@@ "):
             current = None if line == "@@ end" else line[3:].replace("torch.", "")
             continue
-        if current and "exec" in line and line.startswith("onednn_verbose"):
-            fields = line.split(",")
-            found.setdefault(current, []).append(",".join(fields[3:6]))  # engine, primitive, implementation
+        fields = line.split(",")
+        if current and line.startswith("onednn_verbose") and len(fields) > 6 and fields[3] == "exec":
+            found.setdefault(current, []).append(",".join(fields[4:7]))  # engine, primitive, implementation
     return {dtype: sorted(set(lines)) for dtype, lines in found.items()}
 
 
@@ -138,9 +139,9 @@ def main(argv=None):
                                      cpu_flags=[f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
                                      threads=torch.get_num_threads()),
                     options=options, caps={},
-                    caveat="ONEDNN_MAX_CPU_ISA caps oneDNN's kernels only; PyTorch still sees this CPU's AVX-512 and "
-                           "sends bf16 matmuls to oneDNN, which a real AVX2-only CPU would not (PyTorch's fallback "
-                           "GEMM there is not measured)")
+                    caveat="an emulation on one CPU: the caps restrict the kernels oneDNN (bf16 matmuls), MKL (fp32 "
+                           "matmuls, AVX2 cap only) and ATen pick, not the cores' clock, caches or memory; no bf16 "
+                           "oneDNN kernel recorded = PyTorch's own bf16 GEMM")
     for cap in args.caps.split(","):
         load_before = os.getloadavg()
         document["caps"][cap] = dict(run_cap(cap, options), load_before=[round(x, 2) for x in load_before],

@@ -73,15 +73,18 @@ def load(paths):
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}: not JSON ({error})")
         if (compile_report.is_compile_document(document) or is_extract_document(document)
-                or is_contention_document(document)):
+                or is_contention_document(document) or is_mask_cost_document(document)
+                or is_bf16_isa_document(document)):
             # benchmarks/tools/compile_check.py output ("Compiled kernels"), benchmarks/bench_extract.py output
-            # ("Extraction pipeline") or benchmarks/bench_cpu_contention.py output ("CPU under contention")
+            # ("Extraction pipeline"), benchmarks/bench_cpu_contention.py output ("CPU under contention"),
+            # benchmarks/tools/mask_cost.py output ("Cost of a key mask"), benchmarks/tools/cpu_bf16_isa.py output
             documents.append((path, document))
             continue
         if not isinstance(document, dict) or "benchmarks" not in document:
             raise SystemExit(f"{path}: not pytest-benchmark output (no 'benchmarks' list; run pytest with "
-                             f"--benchmark-json=FILE) nor benchmarks/tools/compile_check.py or "
-                             f"benchmarks/bench_extract.py output")
+                             f"--benchmark-json=FILE) nor the output of benchmarks/tools/compile_check.py, "
+                             f"benchmarks/bench_extract.py, benchmarks/bench_cpu_contention.py, "
+                             f"benchmarks/tools/mask_cost.py or benchmarks/tools/cpu_bf16_isa.py")
         documents.append((path, document))
     return documents
 
@@ -250,12 +253,65 @@ def contention_section(path, document):
     return out + [""]
 
 
+def is_mask_cost_document(document) -> bool:
+    return isinstance(document, dict) and {"what", "shape", "results", "rounds"} <= set(document) \
+        and "forward" in document.get("results", {})
+
+
+def mask_cost_section(path, document):
+    """benchmarks/tools/mask_cost.py's run: one row per (pass, mask form), median ms and the ratio to lengths."""
+    shape = document["shape"]
+    out = [f"## Cost of a key mask ({document.get('device')}, {document.get('dtype')}, `{os.path.basename(path)}`)",
+           "", f"{document['what']}. Commit `{document.get('commit')}`, torch {document.get('torch')}, "
+               f"{document.get('threads')} threads, {document['rounds']} alternating rounds; B={shape.get('batch')}, "
+               f"L={shape.get('length')}, H={shape.get('heads')}, D={shape.get('head_dim')}, real frames "
+               f"{shape.get('real_frames')}; load average (1 min) {document['load_average_before'][0]:.1f} before, "
+               f"{document['load_average_after'][0]:.1f} after.", "",
+           "| pass | mask form | median ms | min ms | vs lengths |", "|---|---|---:|---:|---:|"]
+    for direction, forms in document["results"].items():
+        for form, row in forms.items():
+            out.append(f"| {direction} | {form} | {fmt_ms(row['median_ms'])} | {fmt_ms(row['min_ms'])} | "
+                       f"{row['ratio_to_lengths']:.2f}× |")
+    return out + [""]
+
+
+def is_bf16_isa_document(document) -> bool:
+    return isinstance(document, dict) and {"environment", "options", "caps", "caveat"} <= set(document)
+
+
+def bf16_isa_section(path, document):
+    """benchmarks/tools/cpu_bf16_isa.py's run: one row per instruction-set cap."""
+    env, options = document["environment"], document["options"]
+    out = [f"## bf16 on a CPU, by instruction set ({env.get('cores')} cores, `{os.path.basename(path)}`)", "",
+           f"Commit `{str(env.get('commit'))[:12]}`, torch {env.get('torch')}, {env.get('threads')} threads; "
+           f"{options['layers']} full-size layers, one {options['seconds']:g} s clip, {options['rounds']} alternating "
+           f"rounds, median ms; *bf16 speed-up* = fp32 time / bf16 time; *error* = max |bf16 − transformers fp32| / "
+           f"max |transformers fp32|. {document['caveat']}.", "",
+           "| oneDNN cap | ours fp32 | ours bf16 | ours bf16 speed-up | transformers fp32 | transformers bf16 | "
+           "transformers bf16 speed-up | error ours / transformers bf16 | oneDNN bf16 matmul | load before |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for cap, run in document["caps"].items():
+        r = run["results"]
+        kernels = "; ".join(line.split(",")[-1] for line in run.get("onednn", {}).get("bfloat16", [])) or "—"
+        out.append(f"| {cap} | {fmt_ms(r['ours, fp32']['median_ms'])} | {fmt_ms(r['ours, bf16']['median_ms'])} | "
+                   f"{run['speed_up_bf16']['ours']:.2f}× | {fmt_ms(r['transformers sdpa, fp32']['median_ms'])} | "
+                   f"{fmt_ms(r['transformers sdpa, bf16']['median_ms'])} | "
+                   f"{run['speed_up_bf16']['transformers sdpa']:.2f}× | "
+                   f"{r['ours, bf16']['error_vs_transformers_fp32']:.2g} / "
+                   f"{r['transformers sdpa, bf16']['error_vs_transformers_fp32']:.2g} | {kernels} | "
+                   f"{run['load_before'][0]:.1f} |")
+    return out + [""]
+
+
 def render(documents) -> str:
     compiled = [d for _, d in documents if compile_report.is_compile_document(d)]
     extracts = [(p, d) for p, d in documents if is_extract_document(d)]
     contentions = [(p, d) for p, d in documents if is_contention_document(d)]
+    mask_costs = [(p, d) for p, d in documents if is_mask_cost_document(d)]
+    bf16_isas = [(p, d) for p, d in documents if is_bf16_isa_document(d)]
     documents = [(p, d) for p, d in documents if not compile_report.is_compile_document(d)
-                 and not is_extract_document(d) and not is_contention_document(d)]
+                 and not is_extract_document(d) and not is_contention_document(d) and not is_mask_cost_document(d)
+                 and not is_bf16_isa_document(d)]
     tables = collect(documents)
     files = [os.path.basename(path) for path, _ in documents]
     rows = [row for cases in tables.values() for contenders in cases.values() for row in contenders.values()]
@@ -296,6 +352,10 @@ def render(documents) -> str:
         out += extract_section(path, document)
     for path, document in contentions:
         out += contention_section(path, document)
+    for path, document in bf16_isas:
+        out += bf16_isa_section(path, document)
+    for path, document in mask_costs:
+        out += mask_cost_section(path, document)
     out += compile_report.render_section(compiled)
     return "\n".join(out).rstrip() + "\n"
 
