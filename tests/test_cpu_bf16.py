@@ -4,6 +4,7 @@ and stays within bf16 error of the fp32 run of the same model (tiny random model
 import re
 
 import numpy as np
+import pytest
 import torch
 from test_cli import write_wav
 
@@ -40,3 +41,15 @@ def test_demo_in_bfloat16_on_a_cpu_reports_a_bf16_sized_error(capsys):
     assert out.splitlines()[0].startswith("w2vbert_fast demo on cpu, bfloat16")
     relative = float(re.search(r"relative error ([0-9.e+-]+)", out).group(1))
     assert relative < 0.05, out
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["cpu-without-amx", "cpu-with-amx"])
+def test_bfloat16_on_a_cpu_without_amx_warns_that_float32_is_likely_faster(monkeypatch, capsys, amx):
+    from w2vbert_fast.cli import common
+
+    monkeypatch.setattr(common, "cpu_has_amx", lambda: amx)
+    assert common.resolve_device_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    warned = "--dtype float32 is likely faster here" in capsys.readouterr().err
+    assert warned == (not amx)
+    common.resolve_device_dtype("cpu", "float32")
+    assert capsys.readouterr().err == ""

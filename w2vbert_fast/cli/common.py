@@ -25,6 +25,7 @@ The library never changes these global settings (a program that imports it keeps
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,26 @@ def resolve_device_dtype(device_name=None, dtype_name=None):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CommandError(f"--device {device_name}: there are {torch.cuda.device_count()} CUDA devices "
                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return device, DTYPES[dtype_name or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[dtype_name or ("bfloat16" if device.type == "cuda" else "float32")]
+    note = slow_dtype_note(device, dtype)
+    if note:
+        print(note, file=sys.stderr)
+    return device, dtype
+
+
+def cpu_has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent: cannot tell
+    return bool(check and check())
+
+
+def slow_dtype_note(device, dtype):
+    """A warning line for ``--dtype bfloat16`` on a CPU without AMX tiles, where bf16 was measured slower than fp32
+    (benchmarks/results/cpu-bf16-isa-74483e2.json: oneDNN capped to AVX512-BF16 0.76×, AVX-512 0.28×, AVX2 0.21×
+    the fp32 speed, 2 full-size layers at 6 s), or None."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_amx():
+        return None
+    return ("note: this CPU has no AMX tiles; bfloat16 ran at 0.2-0.8x the speed of float32 on such CPUs "
+            "(README, 'On a CPU'): --dtype float32 is likely faster here")
 
 
 def model_source(folder=None, random_weights=None, seed=0) -> ModelSource:
