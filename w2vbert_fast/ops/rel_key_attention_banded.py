@@ -84,7 +84,7 @@ class CpuFlash:
         256 rows in fp32 and 512 in bf16 are at or near the fastest from L ≈ 500 up (512 fp32 rows were 1.1–1.5×
         slower there), and one chunk is fastest up to about 1.5 of those (fp32 L = 450: 9.2 ms against 10.5;
         bf16 L = 700: 9.9 against 11.0), not beyond (fp32 520: 20.7 against 14.6; bf16 800: 21.8 against 15.8)."""
-        rows = 1024 // torch.empty((), dtype=dtype).element_size()
+        rows = 1024 // dtype.itemsize
         return length if length <= rows * 3 // 2 else rows
     head_dim_multiple = 1  # any head dim
     bias_alignment = 1  # any bias strides
